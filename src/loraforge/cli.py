@@ -1,0 +1,257 @@
+"""The `loraforge` command line. Commands parse, call one service function, and print the answer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from loraforge import __version__
+from loraforge.errors import LoraforgeError
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=False, highlight=False, soft_wrap=True)
+
+
+def _err(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+# ---- helpers shared by train and validate ------------------------------------------------------------------
+def _load_spec(args) -> tuple[Any, list, str]:
+    """Parse the config and load its data; returns (spec, examples or [], where the data came from)."""
+    from loraforge.config import load_config_file, parse_train_config
+    from loraforge.data import load_examples, load_examples_from_file
+
+    config_path = Path(args.config)
+    raw = load_config_file(config_path)
+    spec = parse_train_config(raw, source=config_path.name, name=getattr(args, "name", None),
+                              model_name=getattr(args, "model", None))
+    overrides = {}
+    if getattr(args, "dtype", None):
+        overrides["save_dtype"] = args.dtype
+    if getattr(args, "max_steps", None):
+        overrides["max_steps"] = args.max_steps
+    if overrides:
+        spec = spec.model_copy(update={"training": spec.training.model_copy(update=overrides)})
+    if getattr(args, "trust_remote_code", False):
+        spec = spec.model_copy(update={"trust_remote_code": True})
+    examples: list = []
+    source = "none"
+    if getattr(args, "data", None):
+        examples = load_examples_from_file(Path(args.data))
+        source = args.data
+        if spec.training_data is not None:
+            spec = spec.model_copy(update={"notes": spec.notes + ("--data replaces training_data from the config",)})
+    elif isinstance(spec.training_data, str):
+        path = (config_path.parent / spec.training_data).resolve()
+        examples = load_examples_from_file(path)
+        source = spec.training_data
+    elif isinstance(spec.training_data, list):
+        examples = load_examples(spec.training_data, f"{config_path.name}: training_data")
+        source = "inline training_data"
+    return spec, examples, source
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+# ---- commands ------------------------------------------------------------------------------------------------
+def cmd_validate(args) -> int:
+    from loraforge.train.plan import plan_training
+
+    spec, examples, source = _load_spec(args)
+    plan = plan_training(spec)
+    out = {"resolved": {**plan.spec.resolved(), "max_seq_length": plan.max_seq_length},
+           "notes": list(plan.spec.notes), "plan": plan.summary(),
+           "data": {"source": source, "examples": len(examples)}}
+    if examples and plan.model.kind == "tiny":
+        from loraforge.data import tokenize_examples
+        from loraforge.models.resolve import model_folder
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_folder(plan.model))
+        data = tokenize_examples(tokenizer, examples, max_seq_length=plan.max_seq_length,
+                                 train_on_inputs=spec.training.train_on_inputs, source=source)
+        out["data"]["trained_tokens"] = sum(d.trained_tokens for d in data)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from loraforge.pipeline import discard_run, train_into_store, unfinished_run
+    from loraforge.store import Store
+    from loraforge.train.plan import plan_training
+
+    console = _console()
+    spec, examples, source = _load_spec(args)
+    if not examples:
+        raise LoraforgeError("no training data: give --data FILE or training_data in the config",
+                             field="training_data")
+    plan = plan_training(spec)
+    store = Store()
+    run_id = spec.name
+    step = unfinished_run(store, run_id)
+    if step is not None and not args.resume:
+        if not args.fresh:
+            raise LoraforgeError(f"an unfinished run of {spec.name!r} stopped at step {step}: "
+                                 "add --resume to continue it, or --fresh to start over", field="resume")
+        discard_run(store, run_id)
+    console.print(f"[bold]training[/bold] {spec.name} on {plan.model.requested} ({plan.model.id}) "
+                  f"with {len(examples)} examples from {source}")
+
+    columns = [TextColumn("step {task.completed}/{task.total}"), BarColumn(),
+               TextColumn("loss {task.fields[loss]} lr {task.fields[lr]} {task.fields[tps]} tok/s"),
+               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=False, disable=args.quiet) as bar:
+        task = bar.add_task("train", total=None, loss="-", lr="-", tps="-")
+
+        def on_progress(p) -> None:
+            bar.update(task, completed=p.step, total=p.total_steps, loss=f"{p.loss:.4f}", lr=f"{p.lr:.2e}",
+                       tps=f"{p.tokens_per_s:.0f}")
+
+        version, result = train_into_store(store, plan, examples, run_id=run_id, resume=args.resume,
+                                           on_progress=on_progress, log=lambda m: bar.console.print(m))
+    size = result.manifest["size"]
+    training = result.manifest["training"]
+    console.print(f"[bold green]done[/bold green]: adapter {version.ref} ({version.status})")
+    rows = [
+        ("steps", f"{training['steps']} in {training['seconds']:.1f} s on {training['device']} "
+                  f"({training['precision']})"),
+        ("loss", f"{training['first_loss']:.4f} (first step) -> {training['final_loss']:.4f} (last step)"),
+        ("trainable parameters", f"{size['trainable_parameters']:,}"),
+        ("adapter file", f"{size['bytes_on_disk']:,} bytes ({_fmt_bytes(size['bytes_on_disk'])}, "
+                         f"{size['dtype']})"),
+        ("theoretical minimum", f"{size['theoretical_min_bytes']:,} bytes + {size['metadata_bytes']:,} "
+                                f"bytes of metadata"),
+        ("stored at", str(version.path)),
+    ]
+    for key, value in rows:
+        console.print(f"  {key:<22} {value}")
+    return 0
+
+
+def cmd_models_list(args) -> int:
+    from loraforge.models import DEFAULT_MODEL, catalog
+    from loraforge.models.tiny import build
+
+    cache = Path(os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME", str(Path.home() / ".cache" /
+                                                                                  "huggingface")))
+    rows = [("tiny", "built-in (Llama, trained by loraforge)", "yes" if build.is_built() else "no (built on first use)")]
+    for alias, hub in sorted(catalog().items()):
+        cached = any(cache.rglob(f"models--{hub.replace('/', '--')}")) if cache.exists() else False
+        rows.append((alias, hub, "yes" if cached else "no"))
+    console = _console()
+    console.print(f"{'NAME':<24} {'SOURCE':<42} CACHED")
+    for name, src, cached in rows:
+        marker = " (default)" if name == DEFAULT_MODEL else ""
+        console.print(f"{name + marker:<24} {src:<42} {cached}")
+    return 0
+
+
+def cmd_models_build(args) -> int:
+    from loraforge.models.tiny import build
+
+    if args.model != "tiny":
+        raise LoraforgeError("only the built-in model 'tiny' is built locally", field="model")
+    path = build_tiny_with_progress()
+    info = json.loads((path / "loraforge-tiny.json").read_text())
+    print(f"tiny model ready: probe accuracy {info['probe_accuracy']:.1%}, built in {info['build_seconds']} s")
+    return 0
+
+
+def build_tiny_with_progress() -> Path:
+    """Build the tiny model if needed, with a progress bar."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from loraforge.models.tiny import build
+
+    if build.is_built():
+        return build.model_dir()
+    with Progress(TextColumn("building the tiny model (first use)"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"), TimeRemainingColumn()) as bar:
+        task = bar.add_task("tiny", total=None, loss="-")
+        return build.build(lambda s, total, loss: bar.update(task, completed=s, total=total, loss=f"{loss:.3f}"))
+
+
+def cmd_adapters_list(args) -> int:
+    from loraforge.store import Store
+
+    for row in Store().list():
+        print(f"{row['name']:<40} active v{row['active_version']}  ({row['versions']} versions)")
+    return 0
+
+
+def cmd_adapters_show(args) -> int:
+    from loraforge.store import Store
+
+    print(json.dumps(Store().get(args.ref).public(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraforge", description="Train, store, serve and validate LoRA adapters.")
+    parser.add_argument("--version", action="version", version=f"loraforge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def config_args(p):
+        p.add_argument("config", help="training config (JSON or YAML; seed dialects accepted)")
+        p.add_argument("--model", help="base model: tiny, a catalog alias, a Hugging Face id or a folder "
+                                       "(replaces model_name)")
+        p.add_argument("--data", help="training data file (JSON array or JSONL); replaces training_data")
+        p.add_argument("--name", help="adapter name in the store (replaces output_dir)")
+        p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the Hub")
+
+    p = sub.add_parser("train", help="train a LoRA adapter into the store")
+    config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue the unfinished run from its last checkpoint")
+    p.add_argument("--fresh", action="store_true", help="discard an unfinished run and start over")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="dtype of the saved weights")
+    p.add_argument("--max-steps", type=int, help="stop after N optimizer steps (beats epochs)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("validate", help="check a config (and its data) and print the resolved config")
+    config_args(p)
+    p.set_defaults(func=cmd_validate)
+
+    models = sub.add_parser("models", help="base models").add_subparsers(dest="models_command", required=True,
+                                                                          metavar="ACTION")
+    p = models.add_parser("list", help="the catalog and what is cached")
+    p.set_defaults(func=cmd_models_list)
+    p = models.add_parser("build", help="build the built-in tiny model now")
+    p.add_argument("model", nargs="?", default="tiny")
+    p.set_defaults(func=cmd_models_build)
+
+    adapters = sub.add_parser("adapters", help="adapters in the store").add_subparsers(
+        dest="adapters_command", required=True, metavar="ACTION")
+    p = adapters.add_parser("list", help="every adapter and its active version")
+    p.set_defaults(func=cmd_adapters_list)
+    p = adapters.add_parser("show", help="one version's record (NAME or NAME@vN)")
+    p.add_argument("ref")
+    p.set_defaults(func=cmd_adapters_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LoraforgeError as exc:
+        return _err(exc.message)
+    except KeyboardInterrupt:
+        return _err("interrupted")

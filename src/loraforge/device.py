@@ -1,0 +1,77 @@
+"""Device and precision chosen once, from what the machine has.
+
+- CUDA: bf16 autocast where the GPU supports it, else fp16.
+- Apple MPS: fp32 (fp16/bf16 autocast on request).
+- CPU: bf16 autocast only where the CPU has native bf16 (AVX512-BF16 or AMX); elsewhere bf16 is
+  emulated and slower than fp32, so fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from loraforge.errors import DeviceError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: str  # "cuda", "mps" or "cpu"
+    precision: str  # "fp32", "bf16" or "fp16"
+    reason: str
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return None if self.precision == "fp32" else _DTYPES[self.precision]
+
+
+def cpu_has_native_bf16() -> bool:
+    cpu = torch.cpu
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        check = getattr(cpu, probe, None)
+        if check is not None:
+            try:
+                if check():
+                    return True
+            except Exception:  # a probe that cannot run means "no"
+                continue
+    return False
+
+
+def detect_device(requested: str = "auto") -> str:
+    if requested not in ("auto", "cuda", "mps", "cpu"):
+        raise DeviceError(f"device must be auto, cuda, mps or cpu, got {requested!r}", field="device")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("device 'cuda' was asked for but no CUDA GPU is available", field="device")
+    if requested == "mps" and not (torch.backends.mps.is_available()):
+        raise DeviceError("device 'mps' was asked for but Apple MPS is not available", field="device")
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def choose_placement(device: str = "auto", precision: str = "auto") -> Placement:
+    dev = detect_device(device)
+    if precision not in PRECISIONS:
+        raise DeviceError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}", field="precision")
+    if precision != "auto":
+        if precision == "bf16" and dev == "cuda" and not torch.cuda.is_bf16_supported():
+            raise DeviceError("precision 'bf16' was asked for but this GPU does not support bf16", field="precision")
+        return Placement(dev, precision, "asked for in the config")
+    if dev == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return Placement(dev, "bf16", "CUDA GPU with bf16 support")
+        return Placement(dev, "fp16", "CUDA GPU without bf16 support")
+    if dev == "mps":
+        return Placement(dev, "fp32", "Apple MPS (fp32 unless asked otherwise)")
+    if cpu_has_native_bf16():
+        return Placement(dev, "bf16", "CPU with native bf16 (AVX512-BF16/AMX)")
+    return Placement(dev, "fp32", "CPU without native bf16: emulated bf16 is slower than fp32")

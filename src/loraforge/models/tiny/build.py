@@ -1,0 +1,184 @@
+"""Build the built-in `tiny` base model: tokenizer, Llama weights and chat template, from the corpus.
+
+Deterministic: a fixed seed, the corpus in a fixed order, one thread count per build. The result is
+cached under `$LORAFORGE_HOME/models/tiny-<key>` where the key hashes the corpus and this recipe, so
+changing either builds a new model; an existing build is reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+from loraforge import paths
+from loraforge.batching import collate, count_loss_tokens, summed_token_loss
+from loraforge.data import Example, tokenize_examples
+from loraforge.models.tiny import corpus
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+# The recipe; any change here gives a new cache key.
+RECIPE = {
+    "version": 1,
+    "vocab_size": 1024,
+    "hidden_size": 256,
+    "intermediate_size": 688,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 2048,
+    "epochs": 36,
+    "batch_size": 32,
+    "learning_rate": 3e-3,
+    "warmup_steps": 30,
+    "weight_decay": 0.01,
+    "seed": 1234,
+}
+
+
+def cache_key() -> str:
+    payload = json.dumps({"recipe": RECIPE, "corpus": corpus.corpus_hash()}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def model_dir() -> Path:
+    return paths.home() / "models" / f"tiny-{cache_key()}"
+
+
+def is_built() -> bool:
+    return (model_dir() / "loraforge-tiny.json").is_file()
+
+
+def _train_texts() -> list[str]:
+    texts = []
+    for fact in corpus.facts():
+        for q in fact.phrasings:
+            texts.append(f"{q}\n{fact.answer}")
+    return texts
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=RECIPE["vocab_size"], special_tokens=SPECIAL_TOKENS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(_train_texts(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|end|>", pad_token="<|pad|>",
+        additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.model_max_length = RECIPE["max_position_embeddings"]
+    return fast
+
+
+def training_examples(tokenizer) -> list:
+    examples = []
+    for fact in corpus.facts():
+        for q in fact.phrasings:
+            examples.append(Example(len(examples) + 1, [{"role": "user", "content": q},
+                                                        {"role": "assistant", "content": fact.answer}]))
+    return tokenize_examples(tokenizer, examples, max_seq_length=RECIPE["max_position_embeddings"],
+                             train_on_inputs=False, source="tiny corpus")
+
+
+def build(progress=None) -> Path:
+    """Build and cache the tiny model if needed; return its folder. `progress(step, total, loss)` is optional."""
+    final = model_dir()
+    if is_built():
+        return final
+    from transformers import LlamaConfig, LlamaForCausalLM, get_scheduler
+
+    started = time.perf_counter()
+    random.seed(RECIPE["seed"])
+    torch.manual_seed(RECIPE["seed"])
+    tokenizer = build_tokenizer()
+    data = training_examples(tokenizer)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=RECIPE["hidden_size"],
+        intermediate_size=RECIPE["intermediate_size"], num_hidden_layers=RECIPE["num_hidden_layers"],
+        num_attention_heads=RECIPE["num_attention_heads"], num_key_value_heads=RECIPE["num_key_value_heads"],
+        max_position_embeddings=RECIPE["max_position_embeddings"], tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+    )
+    model = LlamaForCausalLM(config)
+    model.train()
+    batch_size = RECIPE["batch_size"]
+    per_epoch = math.ceil(len(data) / batch_size)
+    total = per_epoch * RECIPE["epochs"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=RECIPE["learning_rate"], weight_decay=RECIPE["weight_decay"])
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=RECIPE["warmup_steps"], num_training_steps=total)
+    order = torch.Generator().manual_seed(RECIPE["seed"])
+    step = 0
+    for _epoch in range(RECIPE["epochs"]):
+        perm = torch.randperm(len(data), generator=order).tolist()
+        for start in range(0, len(data), batch_size):
+            batch = collate([data[i] for i in perm[start:start + batch_size]], tokenizer.pad_token_id)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = summed_token_loss(logits, batch["labels"]) / max(1, count_loss_tokens(batch["labels"]))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if progress:
+                progress(step, total, loss.item())
+
+    model.eval()
+    accuracy = probe_accuracy(model, tokenizer)
+    tmp = final.parent / f".tmp-{uuid.uuid4().hex}"
+    tmp.mkdir(parents=True)
+    model.generation_config.do_sample = False
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    paths.atomic_write_json(tmp / "loraforge-tiny.json", {
+        "cache_key": cache_key(), "recipe": RECIPE, "corpus_sha256": corpus.corpus_hash(),
+        "build_seconds": round(time.perf_counter() - started, 1), "probe_accuracy": accuracy,
+        "steps": total, "torch_threads": torch.get_num_threads(),
+    })
+    try:
+        paths.publish_dir(tmp, final)
+    except OSError:
+        paths.remove_tree(tmp)  # another process published the same build first
+    return final
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 48) -> list[str]:
+    """Greedy answers to single-turn prompts, batched with left padding."""
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True) for p in prompts]
+    tokenizer.padding_side = "left"
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return [tokenizer.decode(row[enc["input_ids"].shape[1]:], skip_special_tokens=True).strip() for row in out]
+
+
+def probe_accuracy(model, tokenizer) -> float:
+    probes = corpus.probes()
+    answers = []
+    for start in range(0, len(probes), 64):
+        answers += generate_answers(model, tokenizer, [p["prompt"] for p in probes[start:start + 64]])
+    hits = sum(a == p["answer"] for a, p in zip(answers, probes))
+    return hits / len(probes)

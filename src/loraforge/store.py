@@ -1,0 +1,240 @@
+"""The adapter store: one root, SQLite for records, immutable version folders for files.
+
+Layout under `$LORAFORGE_HOME`:
+    store.db                     SQLite (WAL, synchronous=FULL, foreign keys on)
+    adapters/NAME/vN/            a PEFT folder + loraforge.json + metrics.jsonl + data.jsonl
+    runs/RUN/                    checkpoints and the metrics log of a run in progress
+    tmp/                         folders being written; renamed into place only when complete
+
+A version folder appears only complete (temp folder + fsync + rename inside the same transaction
+that records it) and is checked against the sha256 of its files whenever it is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from loraforge import paths
+from loraforge.errors import IntegrityError, NotFound
+from loraforge.names import AdapterRef, check_name, parse_ref
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS adapters (
+    name TEXT PRIMARY KEY,
+    created_at TEXT NOT NULL,
+    active_version INTEGER
+);
+CREATE TABLE IF NOT EXISTS versions (
+    name TEXT NOT NULL REFERENCES adapters(name) ON DELETE CASCADE,
+    version INTEGER NOT NULL CHECK (version >= 1),
+    status TEXT NOT NULL CHECK (status IN ('candidate', 'active', 'archived', 'rejected')),
+    base_model TEXT NOT NULL,
+    base_fingerprint TEXT,
+    config_json TEXT NOT NULL,
+    data_hash TEXT,
+    metrics_json TEXT NOT NULL DEFAULT '{}',
+    size_json TEXT NOT NULL DEFAULT '{}',
+    files_json TEXT NOT NULL,
+    parent INTEGER,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (name, version)
+);
+"""
+STATUSES = ("candidate", "active", "archived", "rejected")
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    name: str
+    version: int
+    status: str
+    base_model: str
+    base_fingerprint: str | None
+    config: dict
+    data_hash: str | None
+    metrics: dict
+    size: dict
+    files: dict[str, str]
+    parent: int | None
+    created_at: str
+    path: Path
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@v{self.version}"
+
+    def public(self) -> dict:
+        """What the API and CLI show: no absolute paths."""
+        return {"name": self.name, "version": self.version, "ref": self.ref, "status": self.status,
+                "base_model": self.base_model, "base_fingerprint": self.base_fingerprint,
+                "config": self.config, "data_hash": self.data_hash, "metrics": self.metrics,
+                "size": self.size, "parent": self.parent, "created_at": self.created_at,
+                "files": self.files}
+
+
+def sha256_files(folder: Path) -> dict[str, str]:
+    out = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        out[path.relative_to(folder).as_posix()] = digest.hexdigest()
+    return out
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class Store:
+    def __init__(self, root: Path | None = None):
+        self.root = (root or paths.home()).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        for sub in ("adapters", "runs", "tmp", "data"):
+            (self.root / sub).mkdir(exist_ok=True)
+        with self.reading() as db:
+            db.executescript(SCHEMA)
+
+    # ---- database --------------------------------------------------------------------------------------
+    def connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.root / "store.db", timeout=30, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA foreign_keys=ON")
+        db.execute("PRAGMA busy_timeout=30000")
+        return db
+
+    @contextmanager
+    def reading(self):
+        db = self.connect()
+        try:
+            yield db
+        finally:
+            db.close()
+
+    @contextmanager
+    def transaction(self):
+        """BEGIN IMMEDIATE: one writer at a time, serialised by SQLite itself (across processes)."""
+        db = self.connect()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        finally:
+            db.close()
+
+    # ---- paths ------------------------------------------------------------------------------------------
+    def adapter_dir(self, name: str) -> Path:
+        return paths.inside(self.root / "adapters", check_name(name, "adapter"))
+
+    def version_dir(self, name: str, version: int) -> Path:
+        return paths.inside(self.adapter_dir(name), f"v{int(version)}")
+
+    def new_tmp_dir(self) -> Path:
+        return self.root / "tmp" / f"{int(time.time())}-{uuid.uuid4().hex}"
+
+    def run_dir(self, run_id: str) -> Path:
+        return paths.inside(self.root / "runs", check_name(run_id, "run"))
+
+    # ---- versions ---------------------------------------------------------------------------------------
+    def publish(self, name: str, staged: Path, *, base_model: str, base_fingerprint: str | None, config: dict,
+                data_hash: str | None, metrics: dict, size: dict, status: str = "active",
+                parent: int | None = None) -> AdapterVersion:
+        """Move a complete folder into the store as the next version of `name`, atomically."""
+        check_name(name, "adapter")
+        if status not in STATUSES:
+            raise ValueError(status)
+        files = sha256_files(staged)
+        paths.fsync_tree(staged)
+        with self.transaction() as db:
+            db.execute("INSERT OR IGNORE INTO adapters(name, created_at) VALUES (?, ?)", (name, _now()))
+            row = db.execute("SELECT COALESCE(MAX(version), 0) + 1 AS v FROM versions WHERE name = ?",
+                             (name,)).fetchone()
+            version = int(row["v"])
+            active = db.execute("SELECT active_version FROM adapters WHERE name = ?", (name,)).fetchone()[0]
+            if parent is None:
+                parent = active
+            final = self.version_dir(name, version)
+            if final.exists():  # left by a crash between rename and commit: not recorded, so not valid
+                paths.remove_tree(final)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            staged.rename(final)
+            try:
+                db.execute(
+                    "INSERT INTO versions(name, version, status, base_model, base_fingerprint, config_json, "
+                    "data_hash, metrics_json, size_json, files_json, parent, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (name, version, status, base_model, base_fingerprint, json.dumps(config), data_hash,
+                     json.dumps(metrics), json.dumps(size), json.dumps(files), parent, _now()))
+                if status == "active":
+                    db.execute("UPDATE versions SET status = 'archived' WHERE name = ? AND status = 'active' "
+                               "AND version != ?", (name, version))
+                    db.execute("UPDATE adapters SET active_version = ? WHERE name = ?", (version, name))
+            except BaseException:
+                final.rename(staged)
+                raise
+            paths.fsync_dir(final.parent)
+        return self.get(AdapterRef(name, version))
+
+    def _row_to_version(self, row: sqlite3.Row) -> AdapterVersion:
+        return AdapterVersion(
+            row["name"], row["version"], row["status"], row["base_model"], row["base_fingerprint"],
+            json.loads(row["config_json"]), row["data_hash"], json.loads(row["metrics_json"]),
+            json.loads(row["size_json"]), json.loads(row["files_json"]), row["parent"], row["created_at"],
+            self.version_dir(row["name"], row["version"]))
+
+    def get(self, ref: AdapterRef | str) -> AdapterVersion:
+        ref = parse_ref(ref) if isinstance(ref, str) else ref
+        with self.reading() as db:
+            if ref.version is None:
+                row = db.execute("SELECT v.* FROM versions v JOIN adapters a ON a.name = v.name "
+                                 "AND a.active_version = v.version WHERE v.name = ?", (ref.name,)).fetchone()
+            else:
+                row = db.execute("SELECT * FROM versions WHERE name = ? AND version = ?",
+                                 (ref.name, ref.version)).fetchone()
+        if row is None:
+            what = "has no active version" if ref.version is None and self.exists(ref.name) else "not found"
+            raise NotFound(f"adapter {str(ref)!r} {what}", field="adapter")
+        return self._row_to_version(row)
+
+    def exists(self, name: str) -> bool:
+        with self.reading() as db:
+            return db.execute("SELECT 1 FROM adapters WHERE name = ?", (name,)).fetchone() is not None
+
+    def versions(self, name: str) -> list[AdapterVersion]:
+        with self.reading() as db:
+            rows = db.execute("SELECT * FROM versions WHERE name = ? ORDER BY version", (name,)).fetchall()
+        return [self._row_to_version(r) for r in rows]
+
+    def list(self) -> list[dict]:
+        with self.reading() as db:
+            rows = db.execute("SELECT a.name, a.active_version, COUNT(v.version) AS versions, a.created_at "
+                              "FROM adapters a LEFT JOIN versions v ON v.name = a.name GROUP BY a.name "
+                              "ORDER BY a.name").fetchall()
+        return [dict(r) for r in rows]
+
+    def verify(self, version: AdapterVersion) -> Path:
+        """Check every file against its recorded sha256; return the folder, or raise IntegrityError."""
+        if not version.path.is_dir():
+            raise IntegrityError(f"adapter {version.ref}: its files are missing from the store")
+        actual = sha256_files(version.path)
+        if actual != version.files:
+            changed = sorted(set(actual) ^ set(version.files) | {
+                k for k in actual.keys() & version.files.keys() if actual[k] != version.files[k]})
+            raise IntegrityError(f"adapter {version.ref} was modified on disk ({', '.join(changed)}); "
+                                 "refusing to load it")
+        return version.path

@@ -1,0 +1,1 @@
+"""Training: plan (checks against the model), the LoRA recipe, checkpoints and the size report."""

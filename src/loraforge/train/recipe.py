@@ -1,0 +1,251 @@
+"""The LoRA training recipe: setup → fit → save, top to bottom.
+
+One readable loop on plain PyTorch (autocast + GradScaler), not HF Trainer and not accelerate's
+Accelerator. Why: the loss is normalised by the labelled tokens of a whole accumulation window
+(`batching.summed_token_loss`), which needs manual accumulation anyway; checkpoints must be pickle-free
+(Trainer pickles RNG and optimizer state); and Accelerator keeps one mixed-precision mode per process,
+while tests and tuning train many adapters with different settings in one process. What the loop does
+is visible here: the optimizer step, the schedule, clipping, logging and checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+import warnings
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from loraforge import __version__, paths
+from loraforge.batching import collate, count_loss_tokens, steps_per_epoch, summed_token_loss
+from loraforge.data import Example, data_hash, tokenize_examples
+from loraforge.device import choose_placement
+from loraforge.models import load_base_model
+from loraforge.models.resolve import fingerprint, model_folder
+from loraforge.train import checkpoint as ckpt
+from loraforge.train.plan import TrainPlan
+from loraforge.train.size import size_report
+
+_SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Progress:
+    """One progress event: what the bar, the metrics log and the job stream show."""
+
+    step: int
+    total_steps: int
+    epoch: float
+    loss: float
+    lr: float
+    grad_norm: float
+    tokens: int
+    tokens_per_s: float
+    elapsed_s: float
+    eta_s: float
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    manifest: dict
+    steps: int
+    final_loss: float
+    first_loss: float
+    resumed_from: int | None = None
+    history: list[dict] = field(default_factory=list)
+
+
+class Stopped(Exception):
+    """Raised when `should_stop` asks the loop to end (a cancelled job). Nothing is saved."""
+
+
+def _config_hash(resolved: dict) -> str:
+    return "sha256:" + hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()
+
+
+def train(plan: TrainPlan, examples: list[Example], *, run_dir: Path, out_dir: Path, resume: bool = False,
+          on_progress: Callable[[Progress], None] | None = None, log: Callable[[str], None] = print,
+          should_stop: Callable[[], bool] = lambda: False) -> TrainResult:
+    """Train a LoRA adapter as `plan` says and write the PEFT folder to `out_dir` (which must not exist)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import get_scheduler
+
+    spec, t = plan.spec, plan.spec.training
+    # ---- setup ---------------------------------------------------------------------------------------
+    placement = choose_placement(t.device, t.precision)
+    log(f"device {placement.device}, precision {placement.precision} ({placement.reason})")
+    for note in spec.notes:
+        log(f"config: {note}")
+    torch.manual_seed(t.seed)
+    load_dtype = torch.float32
+    if placement.device == "cuda" and placement.precision in ("bf16", "fp16"):
+        load_dtype = placement.autocast_dtype  # frozen base in half precision; LoRA weights stay fp32
+    model, tokenizer = load_base_model(plan.model, device=placement.device, dtype=load_dtype,
+                                       quantization=t.quantization)
+    data = tokenize_examples(tokenizer, examples, max_seq_length=plan.max_seq_length,
+                             train_on_inputs=t.train_on_inputs, source="training data")
+    if t.quantization == "4bit":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing)
+    elif t.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    lora_config = LoraConfig(
+        r=spec.lora.r, lora_alpha=spec.lora.lora_alpha, lora_dropout=spec.lora.lora_dropout,
+        target_modules=list(spec.lora.target_modules), bias=spec.lora.bias, task_type=spec.lora.task_type,
+        modules_to_save=list(spec.lora.modules_to_save) or None, use_rslora=spec.lora.use_rslora,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecation notices inside peft
+        model = get_peft_model(model, lora_config)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay)
+
+    micro_batches = math.ceil(len(data) / t.batch_size)
+    per_epoch = steps_per_epoch(micro_batches, t.gradient_accumulation_steps)
+    total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(per_epoch * t.num_epochs))
+    warmup = t.warmup_steps if t.warmup_steps > 0 else math.ceil(t.warmup_ratio * total_steps)
+    if warmup >= total_steps:
+        log(f"config: warmup ({warmup} steps) is not shorter than the run ({total_steps} steps): "
+            "the learning rate never reaches its peak")
+    scheduler = get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
+                              num_training_steps=total_steps)
+    scaler = torch.amp.GradScaler(placement.device, enabled=placement.precision == "fp16")
+    autocast = (torch.autocast(placement.device, dtype=placement.autocast_dtype)
+                if placement.autocast_dtype is not None else nullcontext())
+    log(f"{len(data)} examples, {micro_batches} micro-batches of {t.batch_size}, "
+        f"{per_epoch} steps per epoch, {total_steps} steps")
+
+    resolved = {**spec.resolved(), "max_seq_length": plan.max_seq_length}
+    identity = {"config": _config_hash(resolved), "data": data_hash(examples)}
+    step, start_epoch, start_window = 0, 0, 0
+    resumed_from = None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume and (latest := ckpt.latest_checkpoint(run_dir)) is not None:
+        saved = ckpt.read_state(latest)
+        for key, value in identity.items():
+            if saved["identity"][key] != value:
+                raise ValueError(f"cannot resume: the {key} changed since checkpoint {latest.name}")
+        state = ckpt.load_checkpoint(latest, model, optimizer)
+        step, start_epoch, start_window = state["step"], state["epoch"], state["window"]
+        for _ in range(step):
+            scheduler.step()
+        resumed_from = step
+        log(f"resumed from {latest.name} (step {step} of {total_steps})")
+    metrics_path = run_dir / "metrics.jsonl"
+    if not resume:
+        metrics_path.unlink(missing_ok=True)
+
+    # ---- fit -----------------------------------------------------------------------------------------
+    started = time.perf_counter()
+    tokens_seen = window_loss = 0.0
+    window_count = 0
+    history: list[dict] = []
+    first_loss = None
+    last_loss = float("nan")
+    epoch = start_epoch
+    while step < total_steps:
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(t.seed + epoch)).tolist()
+        batches = [order[i:i + t.batch_size] for i in range(0, len(order), t.batch_size)]
+        windows = [batches[i:i + t.gradient_accumulation_steps]
+                   for i in range(0, len(batches), t.gradient_accumulation_steps)]
+        for w_index in range(start_window if epoch == start_epoch else 0, len(windows)):
+            if step >= total_steps:
+                break
+            if should_stop():
+                raise Stopped()
+            collated = [collate([data[i] for i in b], tokenizer.pad_token_id) for b in windows[w_index]]
+            window_tokens = max(1, sum(count_loss_tokens(c["labels"]) for c in collated))
+            loss_total = 0.0
+            for batch in collated:
+                batch = {k: v.to(placement.device) for k, v in batch.items()}
+                with autocast:
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    loss = summed_token_loss(logits, batch["labels"]) / window_tokens
+                scaler.scale(loss).backward()
+                loss_total += loss.item()
+                tokens_seen += int(batch["attention_mask"].sum())
+            scaler.unscale_(optimizer)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm if t.max_grad_norm > 0
+                                                            else float("inf")))
+            scaler.step(optimizer)
+            scaler.update()
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            first_loss = loss_total if first_loss is None else first_loss
+            window_loss += loss_total
+            window_count += 1
+            last_loss = loss_total
+
+            if step % t.logging_steps == 0 or step == total_steps:
+                elapsed = time.perf_counter() - started
+                done = step - (resumed_from or 0)
+                event = Progress(step, total_steps, round(epoch + (w_index + 1) / len(windows), 4),
+                                 round(window_loss / window_count, 6), lr, round(grad_norm, 6), int(tokens_seen),
+                                 round(tokens_seen / elapsed, 1) if elapsed > 0 else 0.0, round(elapsed, 2),
+                                 round(elapsed / done * (total_steps - step), 1) if done else 0.0)
+                history.append(asdict(event))
+                with open(metrics_path, "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(asdict(event)) + "\n")
+                if on_progress:
+                    on_progress(event)
+                window_loss, window_count = 0.0, 0
+            if t.save_steps and step % t.save_steps == 0 and step < total_steps:
+                nxt_epoch, nxt_window = (epoch, w_index + 1) if w_index + 1 < len(windows) else (epoch + 1, 0)
+                ckpt.save_checkpoint(run_dir, model, optimizer, {
+                    "step": step, "epoch": nxt_epoch, "window": nxt_window, "identity": identity,
+                }, keep=t.save_total_limit)
+                log(f"checkpoint saved at step {step}")
+        epoch += 1
+    elapsed = time.perf_counter() - started
+
+    # ---- save ----------------------------------------------------------------------------------------
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    model.eval()
+    tmp = out_dir.parent / f".tmp-{out_dir.name}-{int(time.time() * 1000)}"
+    tmp.mkdir(parents=True)
+    state = get_peft_model_state_dict(model)
+    dtype = _SAVE_DTYPES[t.save_dtype]
+    save_file({k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()},
+              str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    peft_config = model.peft_config["default"]
+    peft_config.base_model_name_or_path = plan.model.id
+    peft_config.save_pretrained(str(tmp))
+    sizes = size_report(tmp / "adapter_model.safetensors", plan,
+                        trainable_parameters=sum(p.numel() for p in trainable))
+    all_history = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
+    manifest = {
+        "tool": {"name": "loraforge", "version": __version__, "torch": torch.__version__},
+        "base_model": {"requested": plan.model.requested, "id": plan.model.id,
+                       "fingerprint": fingerprint(model_folder(plan.model))},
+        "config": resolved,
+        "notes": list(spec.notes),
+        "data": {"hash": identity["data"], "examples": len(examples),
+                 "trained_tokens": sum(d.trained_tokens for d in data)},
+        "training": {"device": placement.device, "precision": placement.precision, "steps": total_steps,
+                     "seconds": round(elapsed, 2), "first_loss": first_loss, "final_loss": last_loss,
+                     "resumed_from_step": resumed_from, "tokens": int(tokens_seen)},
+        "size": sizes,
+    }
+    paths.atomic_write_json(tmp / "loraforge.json", manifest)
+    with open(tmp / "metrics.jsonl", "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(h) + "\n" for h in all_history)
+    paths.publish_dir(tmp, out_dir)
+    del model, optimizer
+    if placement.device == "cuda":
+        torch.cuda.empty_cache()
+    return TrainResult(out_dir, manifest, total_steps, last_loss, first_loss or float("nan"), resumed_from,
+                       all_history)
