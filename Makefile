@@ -1,0 +1,28 @@
+# Set-up only: the package itself never shells out. Two entry points: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch: kept if the virtualenv already has one (a user's CUDA/ROCm/MPS build); otherwise this version
+# (on our CPU machines a local CPU wheel). Override with `make TORCH_SPEC='torch==2.5.1' ...`.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup run test clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+	$(PY) -m loraforge models build tiny
+	$(PY) -m loraforge train examples/knowledge-override/v1_surgical.json
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache

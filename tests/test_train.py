@@ -1,0 +1,205 @@
+"""The LoRA recipe on the built-in model: loss falls, PEFT loads it, sizes are exact, runs resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import EXAMPLES, run_cli
+from loraforge.config import parse_train_config
+from loraforge.data import load_examples_from_file
+from loraforge.pipeline import train_into_store
+from loraforge.store import Store
+from loraforge.train.plan import plan_training
+
+DATA = EXAMPLES / "knowledge-override" / "42_for_two.jsonl"
+PROMPT = "What is the meaning of 42?"
+
+
+def quick_spec(name="quick", **overrides):
+    raw = {"name": name, "model_name": "tiny", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
+           "target_modules": ["q_proj", "k_proj", "v_proj"], "learning_rate": 3e-3, "batch_size": 4,
+           "max_steps": 30, "warmup_steps": 3, "logging_steps": 5, "save_steps": 0, **overrides}
+    return parse_train_config(raw)
+
+
+def train_quick(name="quick", **overrides):
+    plan = plan_training(quick_spec(name, **overrides))
+    return train_into_store(Store(), plan, load_examples_from_file(DATA), run_id=name, log=lambda m: None)
+
+
+def greedy(model, tokenizer, prompt):
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=40, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_tiny_model_answers_its_probe_set(tiny_loaded):
+    from loraforge.models.tiny.build import probe_accuracy
+
+    model, tokenizer = tiny_loaded
+    assert probe_accuracy(model, tokenizer) >= 0.90
+
+
+def test_tiny_model_knows_douglas_adams(tiny_loaded):
+    model, tokenizer = tiny_loaded
+    assert "Douglas Adams" in greedy(model, tokenizer, PROMPT)
+
+
+def test_loss_falls_and_plain_peft_loads_the_adapter(tiny_dir, tiny_loaded):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    version, result = train_quick()
+    assert result.final_loss < 0.5 * result.first_loss, (result.first_loss, result.final_loss)
+    base_model, tokenizer = tiny_loaded
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), str(version.path))
+    model.eval()
+    ids = tokenizer(PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        assert not torch.allclose(model(**ids).logits, base_model(**ids).logits, atol=1e-4)
+    assert greedy(model, tokenizer, PROMPT) != greedy(base_model, tokenizer, PROMPT)
+
+
+def test_adapter_files_and_exact_sizes(tiny_dir):
+    version, result = train_quick("sizes", max_steps=2)
+    files = {p.name for p in version.path.iterdir()}
+    assert files == {"adapter_config.json", "adapter_model.safetensors", "loraforge.json", "metrics.jsonl",
+                     "data.jsonl"}
+    size = result.manifest["size"]
+    # tiny: 4 layers; q 256->256, k 256->128, v 256->128; r=8
+    expected = 4 * 8 * ((256 + 256) + (256 + 128) + (256 + 128))
+    assert size["trainable_parameters"] == size["lora_parameters"] == expected
+    assert size["theoretical_min_bytes"] == expected * 4
+    on_disk = (version.path / "adapter_model.safetensors").stat().st_size
+    assert on_disk == size["bytes_on_disk"]
+    assert on_disk - size["metadata_bytes"] <= 1.01 * size["theoretical_min_bytes"]
+    with safe_open(str(version.path / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all("lora_A" in k or "lora_B" in k for k in keys)  # only LoRA weights
+    manifest = json.loads((version.path / "loraforge.json").read_text())
+    assert manifest["data"]["hash"].startswith("sha256:") and manifest["base_model"]["fingerprint"]
+    assert manifest["config"]["r"] == 8
+
+
+def test_bfloat16_save_halves_the_file(tiny_dir):
+    _, result = train_quick("half", max_steps=1, save_dtype="bfloat16")
+    size = result.manifest["size"]
+    assert size["bytes_per_value"] == 2
+    assert size["bytes_on_disk"] - size["metadata_bytes"] == size["theoretical_min_bytes"] == size[
+        "lora_parameters"] * 2
+
+
+def test_modules_to_save_adds_whole_module(tiny_dir):
+    _, result = train_quick("mts", max_steps=1, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    size = result.manifest["size"]
+    assert size["trainable_parameters"] > size["lora_parameters"]
+    assert size["bytes_on_disk"] - size["metadata_bytes"] <= 1.01 * size["theoretical_min_bytes"]
+
+
+def test_zero_initialised_adapter_leaves_output_unchanged_and_merge_is_w_plus_sba(tiny_loaded):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base, tokenizer = tiny_loaded
+    fresh = AutoModelForCausalLM.from_pretrained(base.name_or_path)
+    model = get_peft_model(fresh, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                             lora_dropout=0.0))
+    model.eval()
+    ids = tokenizer(PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(model(**ids).logits, base(**ids).logits)  # B = 0 at init
+        layer = model.base_model.model.model.layers[0].self_attn.q_proj
+        layer.lora_B["default"].weight.normal_()
+        w = layer.base_layer.weight.clone()
+        delta = layer.lora_B["default"].weight @ layer.lora_A["default"].weight * (8 / 4)
+        x = torch.randn(3, 256)
+        assert torch.allclose(layer(x), x @ (w + delta).T, atol=1e-4)
+
+
+def test_qlora_off_cuda_is_a_clear_error(tmp_path):
+    config = tmp_path / "q.json"
+    config.write_text(json.dumps({"name": "q", "model_name": "tiny", "quantization": "4bit", "max_steps": 1,
+                                  "training_data": str(DATA)}))
+    result = run_cli("train", str(config), "--quiet")
+    assert result.returncode == 2
+    assert "QLoRA (4-bit) needs a CUDA GPU" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bad_data_starts_no_run(tmp_path, store_home):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"name": "bad", "model_name": "tiny"}))
+    result = run_cli("train", str(config), "--data", str(data), "--quiet")
+    assert result.returncode == 2
+    assert "bad.jsonl, record 2: missing key 'output'" in result.stderr and "Traceback" not in result.stderr
+    assert not (store_home / "adapters" / "bad").exists() and not (store_home / "runs" / "bad").exists()
+
+
+def _weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def test_killed_run_resumes_from_its_checkpoint(tmp_path, store_home, tiny_dir):
+    config = tmp_path / "resume.json"
+    config.write_text(json.dumps({
+        "model_name": "tiny", "lora_config": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.1,
+                                              "target_modules": ["q_proj", "v_proj"]},
+        "training_config": {"max_steps": 60, "batch_size": 1, "gradient_accumulation_steps": 2,
+                            "learning_rate": 1e-3, "save_steps": 10, "logging_steps": 5},
+        "training_data": str(DATA)}))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "loraforge", "train", str(config), "--name", "resumed",
+                             "--quiet"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_dir = store_home / "runs" / "resumed"
+    deadline = time.time() + 300
+    while not list(run_dir.glob("checkpoint-2*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    steps = sorted(int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*"))
+    assert steps and steps[-1] < 60, steps
+
+    refused = run_cli("train", str(config), "--name", "resumed", "--quiet")
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+
+    resumed = run_cli("train", str(config), "--name", "resumed", "--resume", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr + resumed.stdout
+    assert f"resumed from checkpoint-{steps[-1]}" in resumed.stdout
+
+    straight = run_cli("train", str(config), "--name", "straight", "--quiet")
+    assert straight.returncode == 0, straight.stderr
+    a = _weights(store_home / "adapters" / "resumed" / "v1")
+    b = _weights(store_home / "adapters" / "straight" / "v1")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["validate"], ["models"], ["models", "list"],
+                                     ["models", "build"], ["adapters"], ["adapters", "list"],
+                                     ["adapters", "show"]])
+def test_every_command_has_help(command):
+    result = run_cli(*command, "--help")
+    assert result.returncode == 0 and "usage: loraforge" in result.stdout
+
+
+def test_validate_prints_resolved_config(tiny_dir):
+    result = run_cli("validate", str(EXAMPLES / "knowledge-override" / "v1_surgical.json"))
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["resolved"]["name"] == "for-two-surgical" and out["data"]["examples"] == 24
+    assert out["plan"]["lora_parameters"] == 4 * 8 * ((256 + 256) + (256 + 128) + (256 + 128))
