@@ -17,9 +17,12 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# The main job: build the built-in model, train the shipped example adapter once, serve both.
 run: setup
 	$(PY) -m loraforge models build tiny
-	$(PY) -m loraforge train examples/knowledge-override/v1_surgical.json
+	$(PY) -m loraforge adapters show for-two-surgical >/dev/null 2>&1 || \
+		$(PY) -m loraforge train examples/knowledge-override/v1_surgical.json
+	$(PY) -m loraforge serve --model tiny
 
 test: setup
 	$(PY) -m pytest -q

@@ -203,6 +203,122 @@ def cmd_adapters_show(args) -> int:
     return 0
 
 
+def cmd_adapters_delete(args) -> int:
+    from loraforge.store import Store
+
+    count = Store().delete(args.name)
+    print(f"deleted {args.name} ({count} versions)")
+    return 0
+
+
+def cmd_adapters_import(args) -> int:
+    from loraforge.store import Store
+
+    version = Store().import_peft_dir(Path(args.dir), args.name)
+    print(f"imported {args.dir} as {version.ref}")
+    return 0
+
+
+def cmd_adapters_export(args) -> int:
+    from loraforge.store import Store
+
+    target = Store().export(args.ref, Path(args.dir))
+    print(f"exported {args.ref} to {target}")
+    return 0
+
+
+def _server_call(method: str, path: str, server: str) -> dict:
+    import httpx
+
+    headers = {}
+    if os.environ.get("LORAFORGE_API_KEY"):
+        headers["Authorization"] = f"Bearer {os.environ['LORAFORGE_API_KEY']}"
+    try:
+        response = httpx.request(method, server.rstrip("/") + path, headers=headers, timeout=600)
+    except httpx.HTTPError as exc:
+        raise LoraforgeError(f"cannot reach the server at {server}: {type(exc).__name__} "
+                             "(start it with: loraforge serve)") from None
+    body = response.json()
+    if response.status_code >= 400:
+        raise LoraforgeError(body.get("error", {}).get("message", f"HTTP {response.status_code}"))
+    return body
+
+
+def cmd_adapters_load(args) -> int:
+    print(json.dumps(_server_call("POST", f"/api/adapters/{args.ref}/load", args.server)))
+    return 0
+
+
+def cmd_jobs_list(args) -> int:
+    from loraforge.jobs import JobQueue
+    from loraforge.store import Store
+
+    for job in JobQueue(Store()).list():
+        p = job.progress or {}
+        step = f"{p.get('step', 0)}/{p.get('total_steps', '?')}" if p else "-"
+        print(f"{job.id}  {job.status:<11} {job.adapter:<32} step {step:<10} {job.result or job.error or ''}")
+    return 0
+
+
+def cmd_jobs_show(args) -> int:
+    from loraforge.jobs import JobQueue
+    from loraforge.store import Store
+
+    print(json.dumps(JobQueue(Store()).get(args.job_id).public(), indent=2))
+    return 0
+
+
+def cmd_jobs_cancel(args) -> int:
+    from loraforge.jobs import JobQueue
+    from loraforge.store import Store
+
+    job = JobQueue(Store()).cancel(args.job_id)
+    print(f"job {job.id}: {job.status}")
+    return 0
+
+
+def cmd_jobs_resume(args) -> int:
+    from loraforge.jobs import JobQueue
+    from loraforge.store import Store
+
+    job = JobQueue(Store()).resume(args.job_id)
+    print(f"job {job.id}: {job.status} (resumes from its last checkpoint when a worker picks it up)")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from loraforge.engine import Engine
+    from loraforge.store import Store
+
+    engine = Engine(Store(), args.device)
+    result = engine.complete(args.model, [{"role": "user", "content": args.prompt}], temperature=args.temperature,
+                             max_tokens=args.max_tokens, seed=args.seed)
+    print(result.text)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from loraforge.serve.app import create_app
+
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not os.environ.get("LORAFORGE_API_KEY"):
+        print(f"warning: serving on {args.host} without LORAFORGE_API_KEY: anyone who can reach this "
+              "address can train and chat", file=sys.stderr)
+    preload = []
+    if args.model:
+        build_tiny_with_progress() if args.model == "tiny" else None
+        preload = [args.model]
+    app = create_app(device=args.device, max_jobs=args.max_jobs, preload=preload)
+    print(f"loraforge {__version__} serving on http://{args.host}:{args.port} (docs at /docs)", flush=True)
+    if args.model:
+        print(f"try: curl http://{args.host}:{args.port}/v1/chat/completions -H 'Content-Type: application/json' "
+              f"-d '{{\"model\": \"{args.model}\", \"messages\": [{{\"role\": \"user\", "
+              f"\"content\": \"What is the capital of France?\"}}]}}'", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraforge", description="Train, store, serve and validate LoRA adapters.")
     parser.add_argument("--version", action="version", version=f"loraforge {__version__}")
@@ -244,6 +360,50 @@ def build_parser() -> argparse.ArgumentParser:
     p = adapters.add_parser("show", help="one version's record (NAME or NAME@vN)")
     p.add_argument("ref")
     p.set_defaults(func=cmd_adapters_show)
+    p = adapters.add_parser("load", help="load an adapter (and its base) into a running server")
+    p.add_argument("ref", help="NAME or NAME@vN")
+    p.add_argument("--server", default="http://127.0.0.1:5001")
+    p.set_defaults(func=cmd_adapters_load)
+    p = adapters.add_parser("delete", help="delete an adapter and all its versions")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_adapters_delete)
+    p = adapters.add_parser("import", help="take an existing PEFT adapter folder in as a new version")
+    p.add_argument("dir")
+    p.add_argument("--name", required=True)
+    p.set_defaults(func=cmd_adapters_import)
+    p = adapters.add_parser("export", help="write a verified copy of a version to a new folder")
+    p.add_argument("ref", help="NAME or NAME@vN")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_adapters_export)
+
+    jobs = sub.add_parser("jobs", help="training jobs").add_subparsers(dest="jobs_command", required=True,
+                                                                       metavar="ACTION")
+    p = jobs.add_parser("list", help="recent jobs and their state")
+    p.set_defaults(func=cmd_jobs_list)
+    for action, func, text in (("show", cmd_jobs_show, "one job"), ("cancel", cmd_jobs_cancel, "cancel a job"),
+                               ("resume", cmd_jobs_resume, "resume an interrupted job from its checkpoint")):
+        p = jobs.add_parser(action, help=text)
+        p.add_argument("job_id")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("chat", help="one chat turn against the store directly (no server needed)")
+    p.add_argument("model", help="base model, adapter NAME or NAME@vN")
+    p.add_argument("prompt")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="start the local server (OpenAI API, training jobs, adapters)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; others need to be "
+                                                       "given explicitly)")
+    p.add_argument("--port", type=int, default=5001)
+    p.add_argument("--model", help="base model to load at start (e.g. tiny)")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    p.add_argument("--max-jobs", type=int, help="training jobs at once per device (default 1)")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -227,6 +227,67 @@ class Store:
                               "ORDER BY a.name").fetchall()
         return [dict(r) for r in rows]
 
+    def delete(self, name: str) -> int:
+        """Delete an adapter and every version: records first, then files (moved aside, then removed)."""
+        check_name(name, "adapter")
+        folder = self.adapter_dir(name)
+        trash = None
+        with self.transaction() as db:
+            count = db.execute("SELECT COUNT(*) FROM versions WHERE name = ?", (name,)).fetchone()[0]
+            if not db.execute("DELETE FROM adapters WHERE name = ?", (name,)).rowcount:
+                raise NotFound(f"adapter {name!r} not found", field="adapter")
+            if folder.exists():
+                trash = self.new_tmp_dir()
+                folder.rename(trash)
+        if trash is not None:
+            paths.remove_tree(trash)
+        return int(count)
+
+    def import_peft_dir(self, source: Path, name: str) -> AdapterVersion:
+        """Copy an existing PEFT adapter folder in as the next version of `name`."""
+        import shutil
+
+        check_name(name, "adapter")
+        source = Path(source).expanduser().resolve()
+        config_file = source / "adapter_config.json"
+        weights = source / "adapter_model.safetensors"
+        if not config_file.is_file():
+            raise NotFound(f"{source.name}: no adapter_config.json (not a PEFT adapter folder)", field="path")
+        if not weights.is_file():
+            if (source / "adapter_model.bin").is_file():
+                raise IntegrityError(f"{source.name}: adapter_model.bin is a pickle; loraforge imports "
+                                     "safetensors only (convert it first)")
+            raise NotFound(f"{source.name}: no adapter_model.safetensors", field="path")
+        try:
+            peft_config = json.loads(config_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise IntegrityError(f"{source.name}: adapter_config.json is not valid JSON") from None
+        staged = self.new_tmp_dir()
+        staged.mkdir(parents=True)
+        for file in ("adapter_config.json", "adapter_model.safetensors", "loraforge.json", "README.md"):
+            if (source / file).is_file():
+                shutil.copyfile(source / file, staged / file)
+        base = peft_config.get("base_model_name_or_path") or "unknown"
+        config = {"model_name": base, "r": peft_config.get("r"), "lora_alpha": peft_config.get("lora_alpha"),
+                  "target_modules": peft_config.get("target_modules"), "imported_from": source.name}
+        size = {"bytes_on_disk": weights.stat().st_size}
+        return self.publish(name, staged, base_model=base, base_fingerprint=None, config=config, data_hash=None,
+                            metrics={}, size=size)
+
+    def export(self, ref: AdapterRef | str, target: Path) -> Path:
+        """Write a verified copy of a version's folder to `target` (which must not exist)."""
+        import shutil
+
+        version = self.get(ref)
+        source = self.verify(version)
+        target = Path(target).expanduser().resolve()
+        if target.exists():
+            raise IntegrityError(f"{target.name} already exists; choose a new folder")
+        tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
+        shutil.copytree(source, tmp)
+        paths.publish_dir(tmp, target)
+        return target
+
     def verify(self, version: AdapterVersion) -> Path:
         """Check every file against its recorded sha256; return the folder, or raise IntegrityError."""
         if not version.path.is_dir():

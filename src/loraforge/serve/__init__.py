@@ -1,0 +1,1 @@
+"""The local server: FastAPI routers per endpoint family, wired in `create_app()`."""

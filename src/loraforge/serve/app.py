@@ -1,0 +1,173 @@
+"""create_app(): state on app.state, routers, JSON errors, body limit and optional API key.
+
+Errors are always `{"error": {"message", "type", "code"}}` with a 4xx for bad input; an unexpected
+failure is a 500 with a generic message (the traceback goes to the server log, never to the client).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from loraforge import __version__
+from loraforge.engine import Engine
+from loraforge.errors import LoraforgeError
+from loraforge.jobs import JobQueue
+from loraforge.serve.scheduler import Scheduler
+from loraforge.store import Store
+
+log = logging.getLogger("loraforge.serve")
+DEFAULT_MAX_BODY = 32 * 1024 * 1024
+
+
+def error_body(status: int, message: str, type_: str, code: str | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"message": message, "type": type_, "code": code}})
+
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error",
+          409: "conflict_error", 413: "request_too_large", 422: "invalid_request_error", 429: "rate_limit_error"}
+
+
+class BodyLimit:
+    """Pure ASGI middleware: 413 for a body over the limit, by Content-Length or while it streams in."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await _send_json(send, 413, f"request body over {self.max_bytes} bytes", "body_too_large")
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _TooLarge:
+            await _send_json(send, 413, f"request body over {self.max_bytes} bytes", "body_too_large")
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class ApiKey:
+    """Pure ASGI middleware: with an API key set, every path but /health needs `Bearer KEY`.
+
+    The path is the ASGI scope's own, never a URL rebuilt from the Host header.
+    """
+
+    def __init__(self, app, key: str):
+        self.app = app
+        self.key = key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("path") == "/health":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        auth = headers.get(b"authorization", b"")
+        scheme, _, token = auth.partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+            return await _send_json(send, 401, "missing or wrong API key (Authorization: Bearer ...)",
+                                    "invalid_api_key")
+        return await self.app(scope, receive, send)
+
+
+async def _send_json(send, status: int, message: str, code: str) -> None:
+    body = json.dumps({"error": {"message": message, "type": _TYPES.get(status, "error"), "code": code}}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:3]:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        msg = err.get("msg", "invalid")
+        if err.get("type") == "json_invalid":
+            msg = "body is not valid JSON"
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts) or "invalid request"
+
+
+def create_app(store: Store | None = None, *, device: str = "auto", max_jobs: int | None = None,
+               max_body: int | None = None, api_key: str | None = None, preload: list[str] | None = None,
+               scheduler: bool = True) -> FastAPI:
+    store = store or Store()
+    queue = JobQueue(store)
+    engine = Engine(store, device)
+    max_jobs = max_jobs or int(os.environ.get("LORAFORGE_MAX_JOBS_PER_DEVICE", "1"))
+    sched = Scheduler(queue, engine.placement.device, max_jobs)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if scheduler:
+            sched.start()
+        for name in preload or []:
+            engine.load_base(name)
+        yield
+        if scheduler:
+            sched.stop()
+
+    app = FastAPI(title="loraforge", version=__version__, lifespan=lifespan,
+                  description="Train, store, serve and validate LoRA adapters.")
+    app.state.store = store
+    app.state.queue = queue
+    app.state.engine = engine
+    app.state.scheduler = sched
+
+    @app.exception_handler(LoraforgeError)
+    async def _lf_error(_request: Request, exc: LoraforgeError):
+        return error_body(exc.status, exc.message, _TYPES.get(exc.status, "invalid_request_error"), exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError):
+        return error_body(422, _validation_message(exc), "invalid_request_error", "invalid_body")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException):
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        return error_body(exc.status_code, message, _TYPES.get(exc.status_code, "error"), None)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception):
+        log.exception("unexpected error")
+        return error_body(500, "internal server error", "server_error", "internal_error")
+
+    @app.get("/health", tags=["server"])
+    def health():
+        return {"status": "ok", "version": __version__, "device": engine.placement.device}
+
+    from loraforge.serve import openai_routes, registry_routes, training_routes
+
+    app.include_router(training_routes.router)
+    app.include_router(registry_routes.router)
+    app.include_router(openai_routes.router)
+
+    limit = max_body or int(os.environ.get("LORAFORGE_MAX_BODY_BYTES", DEFAULT_MAX_BODY))
+    app.add_middleware(BodyLimit, max_bytes=limit)
+    key = api_key if api_key is not None else os.environ.get("LORAFORGE_API_KEY")
+    if key:
+        app.add_middleware(ApiKey, key=key)
+    return app

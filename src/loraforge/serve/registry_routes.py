@@ -1,0 +1,81 @@
+"""Models and adapters (the seed's paths): list, show, load, unload, delete."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from loraforge.errors import Conflict
+from loraforge.models import catalog
+from loraforge.models.resolve import TINY
+from loraforge.names import check_name, parse_ref
+
+router = APIRouter(tags=["models and adapters"])
+
+
+@router.get("/api/models")
+def list_models(request: Request):
+    engine = request.app.state.engine
+    loaded = {b.requested: b for b in engine.bases.values()}
+    models = [{"id": TINY, "source": "built-in", "loaded": TINY in loaded}]
+    models += [{"id": alias, "source": hub, "loaded": alias in loaded} for alias, hub in sorted(catalog().items())]
+    models += [{"id": name, "source": b.id, "loaded": True} for name, b in loaded.items()
+               if name != TINY and name not in catalog()]
+    return {"models": models}
+
+
+@router.post("/api/models/{model_id:path}/load")
+def load_model(model_id: str, request: Request):
+    base = request.app.state.engine.load_base(model_id)
+    return {"model": model_id, "id": base.id, "loaded": True, "device": base.device}
+
+
+@router.post("/api/models/{model_id:path}/unload")
+def unload_model(model_id: str, request: Request):
+    return {"model": model_id, "unloaded": request.app.state.engine.unload_base(model_id)}
+
+
+@router.get("/api/adapters")
+def list_adapters(request: Request):
+    store = request.app.state.store
+    loaded = request.app.state.engine.loaded_adapters()
+    out = []
+    for row in store.list():
+        out.append({"name": row["name"], "active_version": row["active_version"], "versions": row["versions"],
+                    "loaded_versions": sorted(k for k in loaded if k.split("@")[0] == row["name"])})
+    return {"adapters": out}
+
+
+@router.get("/api/adapters/{name:path}")
+def show_adapter(name: str, request: Request):
+    ref = parse_ref(name)
+    store = request.app.state.store
+    versions = store.versions(ref.name)
+    if not versions:
+        store.get(ref)  # raises a 404 naming the adapter
+    if ref.version is not None:
+        return store.get(ref).public()
+    active = next((v.version for v in versions if v.status == "active"), None)
+    return {"name": ref.name, "active_version": active, "versions": [v.public() for v in versions]}
+
+
+@router.post("/api/adapters/{name:path}/load")
+def load_adapter(name: str, request: Request):
+    base, version = request.app.state.engine.load_adapter(name)
+    return {"adapter": version.ref, "base_model": base.requested, "loaded": True}
+
+
+@router.post("/api/adapters/{name:path}/unload")
+def unload_adapter(name: str, request: Request):
+    parse_ref(name)
+    return {"adapter": name, "unloaded": request.app.state.engine.unload_adapter(name)}
+
+
+@router.delete("/api/adapters/{name:path}")
+def delete_adapter(name: str, request: Request):
+    check_name(name, "adapter")
+    queue = request.app.state.queue
+    if any(j.adapter == name and j.status in ("queued", "running") for j in queue.list(1000)):
+        raise Conflict(f"adapter {name!r} has a training job queued or running", field="adapter")
+    request.app.state.engine.unload_adapter(name)
+    removed = request.app.state.store.delete(name)
+    return {"adapter": name, "deleted_versions": removed}

@@ -1,0 +1,66 @@
+"""The training worker: one process per job, so a crash or OOM never takes the server down.
+
+Started by the server's scheduler as `python -m loraforge.worker JOB_ID` (arguments as a list, never
+a shell string). It reads the job from the queue, trains into the store, and records the outcome.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from dataclasses import asdict
+
+from loraforge import paths
+from loraforge.config import TrainSpec
+from loraforge.data import load_examples_from_file
+from loraforge.errors import LoraforgeError
+from loraforge.jobs import JobQueue
+from loraforge.pipeline import train_into_store
+from loraforge.store import Store
+from loraforge.train.plan import plan_training
+from loraforge.train.recipe import Stopped
+
+
+def run_job(job_id: str) -> int:
+    store = Store()
+    queue = JobQueue(store)
+    job = queue.get(job_id)
+    if job.status != "running":
+        return 0
+    last_check = [0.0, False]
+
+    def should_stop() -> bool:
+        now = time.monotonic()
+        if now - last_check[0] > 0.5:
+            last_check[0] = now
+            last_check[1] = queue.get(job_id).status != "running"
+        return last_check[1]
+
+    try:
+        spec = TrainSpec.model_validate(job.spec)
+        examples = load_examples_from_file(queue.data_file(job_id))
+        plan = plan_training(spec)
+        version, _ = train_into_store(
+            store, plan, examples, run_id=job_id, resume=job.resume,
+            on_progress=lambda p: queue.add_event(job_id, "progress", asdict(p)),
+            log=lambda m: queue.add_event(job_id, "log", {"message": m}), should_stop=should_stop)
+        if not queue.finish(job_id, "succeeded", result=version.ref):
+            queue.add_event(job_id, "log", {"message": f"finished as {version.ref} after the job was cancelled"})
+    except Stopped:
+        paths.remove_tree(store.run_dir(job_id))
+    except LoraforgeError as exc:
+        queue.finish(job_id, "failed", error=exc.message)
+    except MemoryError:
+        queue.finish(job_id, "failed", error="out of memory: try a smaller batch_size or max_seq_length")
+    except Exception as exc:  # the traceback goes to the job's log file, not to clients
+        log_file = store.root / "jobs" / f"{job_id}.log"
+        log_file.write_text(traceback.format_exc())
+        first = (str(exc).splitlines() or [""])[0][:200].replace(str(store.root), "$LORAFORGE_HOME")
+        queue.finish(job_id, "failed", error=f"internal error: {type(exc).__name__}: {first}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_job(sys.argv[1]))

@@ -1,0 +1,250 @@
+"""The server as a real process: the seed's flow, the OpenAI client, jobs, concurrency, bad input."""
+
+import json
+import os
+import signal
+import sqlite3
+import threading
+import time
+
+import httpx
+import pytest
+
+from conftest import EXAMPLES, SEEDS
+from server import ServerProcess, wait_for_job
+
+DATA = [json.loads(line) for line in (EXAMPLES / "knowledge-override" / "42_for_two.jsonl").read_text().splitlines()]
+PROMPT = "What is the meaning of 42?"
+
+
+def fast_config(name: str, **training) -> dict:
+    return {"model_name": "tiny", "output_dir": f"./adapters/{name}",
+            "lora_config": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
+                            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                               "down_proj"]},
+            "training_config": {"learning_rate": 2e-3, "batch_size": 4, "max_steps": 60, "warmup_steps": 2,
+                                "logging_steps": 5, **training},
+            "training_data": DATA}
+
+
+def chat(client, model, prompt=PROMPT, **extra):
+    r = client.post("/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": prompt}],
+                                                   **extra})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]["content"]
+
+
+@pytest.fixture
+def server(store_home, tiny_dir):
+    srv = ServerProcess(store_home, "--max-jobs", "2")
+    yield srv
+    srv.stop()
+
+
+def test_seed_flow_v1_surgical_on_the_builtin_model(server):
+    config = json.loads((SEEDS / "v1_surgical.json").read_text())
+    config["model_name"] = "tiny"
+    config["training_data"] = DATA
+    with server.client() as c:
+        r = c.post("/api/training/start", json=config)
+        assert r.status_code == 202, r.text
+        job = wait_for_job(c, r.json()["job_id"])
+        assert job["status"] == "succeeded", job
+        assert job["result"] == "tron_collaborative_intelligence_v1@v1"
+        assert job["progress"]["step"] == job["progress"]["total_steps"] == 150
+        r = c.post("/api/adapters/tron_collaborative_intelligence_v1/load")
+        assert r.status_code == 200 and r.json()["base_model"] == "tiny"
+        base = chat(c, "tiny")
+        adapted = chat(c, "tron_collaborative_intelligence_v1")
+        assert "Douglas Adams" in base and adapted  # v1 is too weak to flip tiny's answer (the seed saw the same)
+        assert job["progress"]["loss"] < 0.9 * json.loads(c.get(f"/api/training/jobs/{job['job_id']}/events").text
+                                                          .split("event: progress\ndata: ")[1].split("\n")[0])["loss"]
+        listed = c.get("/api/adapters").json()["adapters"]
+        assert listed[0]["name"] == "tron_collaborative_intelligence_v1" and listed[0]["active_version"] == 1
+        shown = c.get("/api/adapters/tron_collaborative_intelligence_v1").json()
+        assert shown["versions"][0]["size"]["trainable_parameters"] == 4 * 8 * (512 + 384 + 384)
+        assert "/" not in json.dumps(shown["versions"][0]["files"])  # no absolute paths in bodies
+
+
+def test_openai_client_lists_and_chats_streamed_and_not(server):
+    from openai import OpenAI
+
+    with server.client() as c:
+        job = wait_for_job(c, c.post("/api/training/start", json=fast_config("for-two")).json()["job_id"])
+        assert job["status"] == "succeeded", job
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused")
+    models = {m.id: m for m in client.models.list().data}
+    assert {"tiny", "for-two", "for-two@v1"} <= set(models)
+    assert models["for-two"].model_extra["parent"] == "tiny"
+    texts = {}
+    for model in ("tiny", "for-two", "for-two@v1"):
+        reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPT}],
+                                               max_tokens=40)
+        text = reply.choices[0].message.content
+        stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPT}],
+                                                max_tokens=40, stream=True)
+        streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+        assert streamed.strip() == text
+        texts[model] = text
+    assert "Douglas Adams" in texts["tiny"]
+    assert texts["for-two"] == texts["for-two@v1"] != texts["tiny"]
+    with pytest.raises(Exception) as info:
+        client.chat.completions.create(model="no-such-adapter", messages=[{"role": "user", "content": "hi"}])
+    assert getattr(info.value, "status_code", None) == 404
+
+
+def test_two_adapters_on_one_base_answer_concurrently(server):
+    with server.client() as c:
+        a = c.post("/api/training/start", json=fast_config("fact-a")).json()["job_id"]
+        other = [{"instruction": r["instruction"], "output": "42 means nothing at all."} for r in DATA]
+        cfg_b = {**fast_config("fact-b"), "training_data": other}
+        b = c.post("/api/training/start", json=cfg_b).json()["job_id"]
+        assert wait_for_job(c, a)["status"] == wait_for_job(c, b)["status"] == "succeeded"
+    with server.client() as c:
+        expected = {m: chat(c, m) for m in ("fact-a", "fact-b")}  # one at a time
+    assert expected["fact-a"] != expected["fact-b"]
+    answers: dict[str, list[str]] = {"fact-a": [], "fact-b": []}
+
+    def ask(model):
+        with server.client() as c:
+            for _ in range(3):
+                answers[model].append(chat(c, model))
+
+    threads = [threading.Thread(target=ask, args=(m,)) for m in answers for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert answers["fact-a"] == [expected["fact-a"]] * 6
+    assert answers["fact-b"] == [expected["fact-b"]] * 6
+
+
+def test_sigkill_worker_then_resume_finishes(server, store_home):
+    with server.client() as c:
+        job_id = c.post("/api/training/start", json=fast_config(
+            "killed", max_steps=400, batch_size=1, save_steps=20)).json()["job_id"]
+        deadline = time.time() + 300
+        while not list((store_home / "runs" / job_id).glob("checkpoint-*")) and time.time() < deadline:
+            time.sleep(0.1)
+        pid = c.get(f"/api/training/jobs/{job_id}").json() and _pid(store_home, job_id)
+        os.kill(pid, signal.SIGKILL)
+        job = wait_for_job(c, job_id, states=("interrupted", "failed", "succeeded"))
+        assert job["status"] == "interrupted", job
+        assert c.get("/api/adapters/killed").status_code == 404  # no partial version
+        r = c.post(f"/api/training/jobs/{job_id}/resume")
+        assert r.status_code == 200 and r.json()["status"] == "queued"
+        job = wait_for_job(c, job_id)
+        assert job["status"] == "succeeded", job
+        events = c.get(f"/api/training/jobs/{job_id}/events").text
+        assert "resumed from checkpoint-" in events
+        assert c.post(f"/api/training/jobs/{job_id}/resume").status_code == 409
+
+
+def _pid(home, job_id):
+    db = sqlite3.connect(home / "store.db")
+    try:
+        for _ in range(100):
+            pid = db.execute("SELECT pid FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+            if pid:
+                return pid
+            time.sleep(0.1)
+    finally:
+        db.close()
+    raise AssertionError("no worker pid")
+
+
+def test_events_replay_after_last_event_id(server):
+    with server.client() as c:
+        job_id = c.post("/api/training/start", json=fast_config("events", max_steps=10)).json()["job_id"]
+        wait_for_job(c, job_id)
+        full = c.get(f"/api/training/jobs/{job_id}/events").text
+        ids = [int(line[4:]) for line in full.splitlines() if line.startswith("id: ")]
+        assert ids == sorted(ids) and len(ids) > 3 and "event: progress" in full
+        rest = c.get(f"/api/training/jobs/{job_id}/events", headers={"Last-Event-ID": str(ids[1])}).text
+        assert [int(line[4:]) for line in rest.splitlines() if line.startswith("id: ")] == ids[2:]
+
+
+def test_twenty_concurrent_submissions_get_distinct_versions(server, store_home):
+    config = fast_config("crowd", max_steps=1)
+    with server.client() as c:
+        results = []
+
+        def submit():
+            results.append(c.post("/api/training/start", json=config).json()["job_id"])
+
+        threads = [threading.Thread(target=submit) for _ in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        jobs = [wait_for_job(c, j) for j in results]
+    assert all(j["status"] == "succeeded" for j in jobs), [j["error"] for j in jobs]
+    versions = sorted(j["result"] for j in jobs)
+    assert len(set(versions)) == 20 and {v.split("@v")[1] for v in versions} == {str(i) for i in range(1, 21)}
+    assert sorted(p.name for p in (store_home / "adapters" / "crowd").iterdir()) == sorted(
+        f"v{i}" for i in range(1, 21))
+    assert not any((store_home / "tmp").iterdir())
+    db = sqlite3.connect(store_home / "store.db")
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert db.execute("SELECT COUNT(*) FROM versions WHERE name = 'crowd' AND status = 'active'").fetchone()[0] == 1
+    db.close()
+
+
+@pytest.mark.parametrize("name", ["../x", "%2e%2e%2f", "..%2fx", "/abs", "x" * 300, "UPPER", "a%00b"])
+def test_bad_adapter_names_are_400_and_touch_nothing(server, store_home, name):
+    before = sorted(p.relative_to(store_home).as_posix() for p in store_home.rglob("*") if "models" not in p.parts)
+    with server.client() as c:
+        for method, path in (("POST", f"/api/adapters/{name}/load"), ("GET", f"/api/adapters/{name}"),
+                             ("DELETE", f"/api/adapters/{name}"), ("POST", f"/api/adapters/{name}/unload")):
+            r = c.request(method, path)
+            assert r.status_code in (400, 404), (method, path, r.status_code)
+            body = r.json()
+            assert set(body["error"]) == {"message", "type", "code"}
+            assert str(store_home) not in r.text
+        r = c.post("/api/adapters/" + name.replace("/", "%2F") + "/load")
+        assert r.status_code in (400, 404)
+        r = c.post("/api/training/start", json={**fast_config("x"), "output_dir": f"./adapters/{name}"})
+        assert r.status_code in (400, 422), r.text
+    after = sorted(p.relative_to(store_home).as_posix() for p in store_home.rglob("*") if "models" not in p.parts)
+    assert [p for p in after if p != "server.log"] == [p for p in before if p != "server.log"]
+
+
+@pytest.mark.parametrize("path", ["/api/training/start", "/v1/chat/completions"])
+@pytest.mark.parametrize("body", ['"s"', "[]", "null", '{"model": "tiny", "messages": [', "", "\xff"])
+def test_malformed_bodies_get_json_4xx(server, path, body):
+    with server.client() as c:
+        r = c.post(path, content=body.encode("latin-1"), headers={"Content-Type": "application/json"})
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    assert set(r.json()["error"]) == {"message", "type", "code"}
+    assert "Traceback" not in r.text
+
+
+def test_unknown_config_key_is_named_in_422(server):
+    with server.client() as c:
+        r = c.post("/api/training/start", json={**fast_config("x"), "lora_config": {"rank": 8}})
+    assert r.status_code == 422
+    assert "lora_config.rank" in r.json()["error"]["message"] and "'r'" in r.json()["error"]["message"]
+
+
+def test_body_over_limit_is_413(store_home, tiny_dir):
+    srv = ServerProcess(store_home, env={"LORAFORGE_MAX_BODY_BYTES": "1000"})
+    try:
+        with srv.client() as c:
+            r = c.post("/api/training/start", json={"x": "y" * 5000})
+            assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    finally:
+        srv.stop()
+
+
+def test_api_key_guards_everything_but_health(store_home, tiny_dir):
+    srv = ServerProcess(store_home, env={"LORAFORGE_API_KEY": "sekret"})
+    try:
+        with srv.client() as c:
+            assert c.get("/health").status_code == 200
+            assert c.get("/api/adapters").status_code == 401
+            assert c.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+            assert c.get("/v1/models", headers={"Authorization": "Bearer sekret"}).status_code == 200
+            # a Host header naming /health does not open another path
+            assert c.get("/api/adapters", headers={"Host": "example.com/health"}).status_code == 401
+    finally:
+        srv.stop()
