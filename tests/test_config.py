@@ -98,6 +98,7 @@ BAD_CONFIGS = [
     ({"output_dir": "../../etc/x"}, "output_dir", "escapes the adapter store"),
     ({"output_dir": "/tmp/x"}, "output_dir", "escapes the adapter store"),
     ({"output_dir": "./models/x"}, "output_dir", "escapes the adapter store"),
+    ({"output_dir": "./adapters//x"}, "output_dir", "escapes the adapter store"),
     ({"output_dir": "./adapters/Bad Name"}, "output_dir", "invalid output_dir"),
     ({"name": "x", "output_dir": "./adapters/y"}, "name", "disagree"),
     ({"name": "x", "lora_config": {"task_type": "SEQ_CLS"}}, "lora_config.task_type", "CAUSAL_LM"),

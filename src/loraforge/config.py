@@ -218,8 +218,11 @@ def _collect(raw: dict[str, Any]) -> tuple[dict[str, tuple[Any, str]], list[str]
 def _name_from_output_dir(output_dir: Any) -> str:
     if not isinstance(output_dir, str) or not output_dir.strip():
         raise ConfigError("output_dir must be a path such as ./adapters/NAME", field="output_dir")
-    pure = PurePosixPath(output_dir.replace("\\", "/"))
+    text = output_dir.replace("\\", "/")
+    pure = PurePosixPath(text)
     parts = [p for p in pure.parts if p != "."]
+    if "//" in text:
+        parts = []  # empty segments: refuse rather than guess
     if pure.is_absolute() or ".." in parts or not parts or len(parts) > 2 or (
             len(parts) == 2 and parts[0] != "adapters"):
         raise ConfigError(f"output_dir {output_dir!r} escapes the adapter store: use ./adapters/NAME "
