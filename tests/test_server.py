@@ -7,7 +7,6 @@ import sqlite3
 import threading
 import time
 
-import httpx
 import pytest
 
 from conftest import EXAMPLES, SEEDS

@@ -164,8 +164,6 @@ def cmd_models_list(args) -> int:
 
 
 def cmd_models_build(args) -> int:
-    from loraforge.models.tiny import build
-
     if args.model != "tiny":
         raise LoraforgeError("only the built-in model 'tiny' is built locally", field="model")
     path = build_tiny_with_progress()
@@ -307,7 +305,8 @@ def cmd_serve(args) -> int:
               "address can train and chat", file=sys.stderr)
     preload = []
     if args.model:
-        build_tiny_with_progress() if args.model == "tiny" else None
+        if args.model == "tiny":
+            build_tiny_with_progress()
         preload = [args.model]
     app = create_app(device=args.device, max_jobs=args.max_jobs, preload=preload)
     print(f"loraforge {__version__} serving on http://{args.host}:{args.port} (docs at /docs)", flush=True)

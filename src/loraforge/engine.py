@@ -10,7 +10,6 @@ against the loaded base's.
 from __future__ import annotations
 
 import threading
-import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ import torch
 
 from loraforge.data import render
 from loraforge.device import choose_placement
-from loraforge.errors import Conflict, LoraforgeError, NotFound
+from loraforge.errors import Conflict, LoraforgeError
 from loraforge.models import catalog, load_base_model, resolve_base_model
 from loraforge.models.resolve import TINY, fingerprint, model_folder
 from loraforge.names import parse_ref
@@ -93,7 +92,7 @@ class Engine:
         """Attach an adapter version (loading its base first if needed); idempotent."""
         version = self.store.get(parse_ref(ref_text))
         base_name = version.config.get("model_name") or version.base_model
-        base = self._base_for(version, base_name)
+        base = self.bases.get(resolve_base_model(base_name).id) or self.load_base(base_name)
         with base.lock:
             if version.ref in base.adapters:
                 return base, version
@@ -113,10 +112,6 @@ class Engine:
             base.model.eval()
             base.adapters[version.ref] = version
         return base, version
-
-    def _base_for(self, version: AdapterVersion, base_name: str) -> LoadedBase:
-        ref = resolve_base_model(base_name)
-        return self.bases.get(ref.id) or self.load_base(base_name)
 
     def unload_adapter(self, ref_text: str) -> list[str]:
         ref = parse_ref(ref_text)
@@ -227,9 +222,3 @@ def _cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
         return text, False
     return text[: min(positions)], True
 
-
-def now() -> int:
-    return int(time.time())
-
-
-__all__ = ["Engine", "Completion", "LoadedBase", "NotFound", "BASE_ADAPTER"]

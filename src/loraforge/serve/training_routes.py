@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
-
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
