@@ -77,9 +77,10 @@ def load_checkpoint(checkpoint: Path, model, optimizer) -> dict:
         for name, p in params.items():
             p.copy_(weights[name].to(p.device, p.dtype))
     saved = load_file(str(checkpoint / "optimizer.safetensors"))
+    names = {id(p): name for name, p in params.items()}
     for group in optimizer.param_groups:
         for p in group["params"]:
-            name = next(n for n, q in params.items() if q is p)
+            name = names[id(p)]
             slots = {k.split("::", 1)[1]: v for k, v in saved.items() if k.split("::", 1)[0] == name}
             if slots:
                 optimizer.state[p] = {k: (v.to(p.device) if k != "step" else v) for k, v in slots.items()}
