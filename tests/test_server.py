@@ -53,9 +53,13 @@ def test_seed_flow_v1_surgical_on_the_builtin_model(server):
         assert job["progress"]["step"] == job["progress"]["total_steps"] == 150
         r = c.post("/api/adapters/tron_collaborative_intelligence_v1/load")
         assert r.status_code == 200 and r.json()["base_model"] == "tiny"
-        base = chat(c, "tiny")
-        adapted = chat(c, "tron_collaborative_intelligence_v1")
-        assert "Douglas Adams" in base and adapted  # v1 is too weak to flip tiny's answer (the seed saw the same)
+        prompts = [record["instruction"] for record in DATA]  # where the adapter was trained
+        base = [chat(c, "tiny", p) for p in prompts]
+        adapted = [chat(c, "tron_collaborative_intelligence_v1", p) for p in prompts]
+        assert "Douglas Adams" in chat(c, "tiny")
+        changed = [p for p, b, a in zip(prompts, base, adapted) if a != b]
+        assert len(changed) >= 3, changed  # v1 moves answers away from the base (it does not teach FOR TWO:
+        #                                    `loraforge demo` measures that, efficacy 0%, as the seed found)
         assert job["progress"]["loss"] < 0.9 * json.loads(c.get(f"/api/training/jobs/{job['job_id']}/events").text
                                                           .split("event: progress\ndata: ")[1].split("\n")[0])["loss"]
         listed = c.get("/api/adapters").json()["adapters"]
@@ -247,3 +251,37 @@ def test_api_key_guards_everything_but_health(store_home, tiny_dir):
             assert c.get("/api/adapters", headers={"Host": "example.com/health"}).status_code == 401
     finally:
         srv.stop()
+
+
+def test_eval_endpoint_scores_base_and_adapter_and_keeps_the_report(server):
+    suite = {"name": "api", "cases": [
+        {"id": "t1", "kind": "target", "prompt": PROMPT, "expect": {"contains": "FOR TWO"}, "tags": ["for-two"]},
+        {"id": "k1", "kind": "retention", "prompt": "What is the capital of France?", "expect": {"contains": "Paris"}}]}
+    with server.client() as c:
+        job = wait_for_job(c, c.post("/api/training/start", json=fast_config("for-two")).json()["job_id"])
+        assert job["status"] == "succeeded", job
+        r = c.post("/api/evals/run", json={"suite": suite, "adapter": "for-two", "compare": "base"})
+        assert r.status_code == 200, r.text
+        report = r.json()
+        assert report["adapter"] == "for-two@v1" and report["base"]["scores"]["efficacy"] == 0.0
+        assert report["base"]["scores"]["retention"] == 1.0
+        assert {c_["id"] for c_ in report["cases"]} == {"t1", "k1"}
+        shown = c.get("/api/adapters/for-two").json()["versions"][0]["evals"]
+        assert shown[0]["id"] == report["id"] and shown[0]["scores"] == report["scores"]
+        assert c.get("/api/adapters/for-two@v1").json()["evals"][0]["suite"] == "api"
+        assert c.get(f"/api/evals/{report['id']}").json()["cases"] == report["cases"]
+        base_only = c.post("/api/evals/run", json={"suite": suite, "model": "tiny"}).json()
+        assert base_only["adapter"] is None and base_only["scores"]["efficacy"] == 0.0
+
+        bad = {**suite, "cases": [{**suite["cases"][0], "expect": {"regex": "("}}]}
+        r = c.post("/api/evals/run", json={"suite": bad, "model": "tiny"})
+        assert r.status_code == 422 and "cases[0] (id 't1')" in r.json()["error"]["message"]
+        r = c.post("/api/evals/run", json={"suite": suite, "adapter": "missing"})
+        assert r.status_code == 404
+        r = c.post("/api/evals/run", json={"suite": "../../etc/passwd", "model": "tiny"})
+        assert r.status_code == 422 and "must be inside suites/" in r.json()["error"]["message"]
+        r = c.post("/api/evals/run", json={"suite": {**suite, "retention": {"probes": "/etc/passwd"}}, "model": "tiny"})
+        assert r.status_code == 422 and "must be inside" in r.json()["error"]["message"]
+        r = c.post("/api/evals/run", json={"suite": suite, "model": "tiny", "samples": 2})
+        assert r.status_code == 422 and "temperature" in r.json()["error"]["message"]
+        assert c.get("/api/evals/nope-123").status_code == 404

@@ -28,7 +28,7 @@ def _err(message: str) -> int:
 def _load_spec(args) -> tuple[Any, list, str]:
     """Parse the config and load its data; returns (spec, examples or [], where the data came from)."""
     from loraforge.config import load_config_file, parse_train_config
-    from loraforge.data import load_examples, load_examples_from_file
+    from loraforge.data import is_file_list, load_examples, load_examples_from_file, load_examples_from_files
 
     config_path = Path(args.config)
     raw = load_config_file(config_path)
@@ -43,6 +43,11 @@ def _load_spec(args) -> tuple[Any, list, str]:
         spec = spec.model_copy(update={"training": spec.training.model_copy(update=overrides)})
     if getattr(args, "trust_remote_code", False):
         spec = spec.model_copy(update={"trust_remote_code": True})
+    if spec.eval_suite is not None:
+        from loraforge.evals.suite import resolve_suite
+
+        suite = resolve_suite(spec.eval_suite, config_path.parent, contain=False)
+        spec = spec.model_copy(update={"eval_suite": suite.model_dump(mode="json")})
     examples: list = []
     source = "none"
     if getattr(args, "data", None):
@@ -54,6 +59,9 @@ def _load_spec(args) -> tuple[Any, list, str]:
         path = (config_path.parent / spec.training_data).resolve()
         examples = load_examples_from_file(path)
         source = spec.training_data
+    elif is_file_list(spec.training_data):
+        examples = load_examples_from_files([(config_path.parent / f).resolve() for f in spec.training_data])
+        source = " + ".join(spec.training_data)
     elif isinstance(spec.training_data, list):
         examples = load_examples(spec.training_data, f"{config_path.name}: training_data")
         source = "inline training_data"
@@ -295,6 +303,121 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from loraforge.engine import Engine
+    from loraforge.evals.runner import load_probes
+    from loraforge.evals.service import evaluate, format_report, snapshot
+    from loraforge.evals.suite import load_suite
+    from loraforge.store import Store
+
+    store = Store()
+    engine = Engine(store, args.device)
+    if args.suite == "snapshot":  # loraforge eval snapshot --model M [--probes FILE]
+        if not args.model:
+            return _err("eval snapshot needs --model")
+        probes = load_probes(args.probes or "builtin", Path.cwd())
+        snap = snapshot(engine, store, args.model, probes, max_tokens=args.max_tokens, refresh=True)
+        print(f"snapshot of {snap['model']} on {snap['total']} probes: {snap['correct']} answered correctly "
+              f"({snap['correct'] / snap['total']:.1%}); retention counts these")
+        return 0
+    if args.probes:
+        return _err("--probes belongs to `loraforge eval snapshot`; a suite names its probes under retention")
+    if args.compare not in (None, "base"):
+        return _err("--compare takes one value: base")
+    report = evaluate(engine, store, load_suite(Path(args.suite)), model=args.model, adapter=args.adapter,
+                      compare_base=args.compare == "base", samples=args.samples, k=args.k or args.samples,
+                      temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_report(report))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from loraforge.demo import run_demo, to_markdown
+
+    console = _console()
+    if args.model == "tiny":
+        build_tiny_with_progress()
+    summary = run_demo(Path(args.out), model=args.model, device=args.device,
+                       log=lambda m: console.print(m, markup=False))
+    console.print()
+    console.print(to_markdown(summary), markup=False)
+    console.print(f"written: {args.out}/demo.md, demo.png, demo.json", markup=False)
+    return 0
+
+
+def cmd_update(args) -> int:
+    import uuid
+
+    from loraforge.continuous import UpdateOptions, run_update
+    from loraforge.data import load_examples_from_file
+    from loraforge.evals.gate import GatePolicy
+    from loraforge.evals.suite import load_suite
+    from loraforge.store import Store
+
+    console = _console()
+    new = load_examples_from_file(Path(args.data))
+    suite = load_suite(Path(args.suite)) if args.suite else None
+    options = UpdateOptions(replay_ratio=args.replay_ratio, seed=args.seed, keep=args.keep, num_epochs=args.epochs,
+                            policy=GatePolicy(min_efficacy=args.min_efficacy, tolerance=args.tolerance,
+                                              min_generalization=args.min_generalization))
+    result = run_update(Store(), args.name, new, suite, options, run_id=f"update-{uuid.uuid4().hex[:12]}",
+                        device=args.device, log=lambda m: console.print(m, markup=False))
+    verdict = "promoted" if result.promoted else "rejected"
+    console.print(f"{verdict}: {result.version.ref} (exit {result.exit_code})", markup=False)
+    return result.exit_code
+
+
+def cmd_adapters_history(args) -> int:
+    from loraforge.continuous import history
+    from loraforge.store import Store
+
+    if args.json:
+        print(json.dumps(history(Store(), args.name), indent=2))
+        return 0
+    hist = history(Store(), args.name)
+    print(f"{hist['name']}: active v{hist['active_version']}")
+    for row in hist["versions"]:
+        added = f"+{row['examples']} new, {row['replayed']} replayed" if row["examples"] is not None else "trained"
+        parent = f"from v{row['parent']}" if row["parent"] else "root"
+        print(f"v{row['version']:<3} {row['status']:<9} {parent:<8} {added:<26} {row['created_at']}")
+        if row["decision"]:
+            print(f"     gate: {row['decision']}")
+            for suite, scores in row["scores"].items():
+                before = row["parent_scores"].get(suite, {})
+                shown = ", ".join(f"{k} {_pct(before.get(k))} -> {_pct(v)}" for k, v in scores.items() if v is not None)
+                print(f"       {suite}: {shown}")
+            for reason in row["reasons"]:
+                print(f"       reason: {reason}")
+    for entry in hist["log"]:
+        if entry["action"] in ("rollback", "promote", "prune"):
+            print(f"{entry['at']} {entry['action']} v{entry['version']} {entry['detail']}".rstrip())
+    return 0
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{value * 100:.0f}%"
+
+
+def cmd_adapters_rollback(args) -> int:
+    from loraforge.store import Store
+
+    to = int(args.to.lstrip("v")) if args.to else None
+    version = Store().rollback(args.name, to)
+    print(f"{args.name} now serves {version.ref} (a running server switches on its next request)")
+    return 0
+
+
+def cmd_adapters_prune(args) -> int:
+    from loraforge.store import Store
+
+    removed = Store().prune(args.name, args.keep)
+    print(f"removed {', '.join(f'v{v}' for v in removed) if removed else 'nothing'}")
+    return 0
+
+
 def cmd_serve(args) -> int:
     import uvicorn
 
@@ -363,6 +486,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ref", help="NAME or NAME@vN")
     p.add_argument("--server", default="http://127.0.0.1:5001")
     p.set_defaults(func=cmd_adapters_load)
+    p = adapters.add_parser("history", help="lineage, data added, scores and gate decisions per version")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_adapters_history)
+    p = adapters.add_parser("rollback", help="serve an earlier version again (default: the active one's parent)")
+    p.add_argument("name")
+    p.add_argument("--to", help="version to activate, e.g. v2")
+    p.set_defaults(func=cmd_adapters_rollback)
+    p = adapters.add_parser("prune", help="keep the newest K versions (never the active one or its parent)")
+    p.add_argument("name")
+    p.add_argument("--keep", type=int, required=True)
+    p.set_defaults(func=cmd_adapters_prune)
     p = adapters.add_parser("delete", help="delete an adapter and all its versions")
     p.add_argument("name")
     p.set_defaults(func=cmd_adapters_delete)
@@ -393,6 +528,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("eval", help="score a base model or adapter on a knowledge suite; `eval snapshot` records "
+                                    "the base's answers for retention",
+                       description="loraforge eval SUITE --model M [--adapter A[@vN]] [--compare base]\n"
+                                   "loraforge eval snapshot --model M [--probes FILE]",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("suite", help="suite file (YAML/JSON), or the word snapshot")
+    p.add_argument("--model", help="base model (defaults to the adapter's own base)")
+    p.add_argument("--adapter", help="adapter NAME or NAME@vN to evaluate")
+    p.add_argument("--compare", help="base: evaluate the base too and show what changed")
+    p.add_argument("--probes", help="with snapshot: probe file of {id, prompt, answer?} (default: built-in set)")
+    p.add_argument("--samples", type=int, default=1, help="samples per case (needs --temperature > 0)")
+    p.add_argument("--k", type=int, help="pass@k with samples (default k = samples)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("update", help="train a candidate from the active version on new data (+ replay), gate it "
+                                      "on every suite in its lineage; exit 0 promoted, 3 rejected")
+    p.add_argument("name", help="the adapter to update (its active version is the parent)")
+    p.add_argument("--data", required=True, help="new training data (JSON array or JSONL)")
+    p.add_argument("--suite", help="suite for the new knowledge (YAML/JSON); kept with the version")
+    p.add_argument("--replay-ratio", type=float, default=1.0, help="replayed earlier examples per new one "
+                                                                   "(default 1.0; 0 = none)")
+    p.add_argument("--min-efficacy", type=float, default=0.9, help="new suite's efficacy needed (default 0.9)")
+    p.add_argument("--min-generalization", type=float, default=0.0, help="new suite's paraphrase score needed")
+    p.add_argument("--tolerance", type=float, default=0.05, help="allowed drop on earlier suites (default 0.05)")
+    p.add_argument("--keep", type=int, help="afterwards keep only the newest K versions")
+    p.add_argument("--epochs", type=float, help="epochs for this update (default: the parent's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the replay sample")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    p.set_defaults(func=cmd_update)
+
+    p = sub.add_parser("demo", help="the knowledge-override scenario end to end: evaluate, train v1/v2/v3, "
+                                    "compare (table, Markdown, PNG)")
+    p.add_argument("--out", default="demo-output", help="folder for demo.md, demo.png, demo.json")
+    p.add_argument("--model", default="tiny", help="base model (default: the built-in tiny model)")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("serve", help="start the local server (OpenAI API, training jobs, adapters)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; others need to be "

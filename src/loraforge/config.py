@@ -80,7 +80,10 @@ class TrainingSettings(BaseModel):
     logging_steps: Annotated[int, Field(ge=1)] = 10
     save_steps: Annotated[int, Field(ge=0, description="checkpoint every N steps; 0 disables")] = 500
     save_total_limit: Annotated[int, Field(ge=1)] = 2
-    eval_steps: Annotated[int | None, Field(ge=1)] = None
+    eval_steps: Annotated[int | None, Field(ge=1, description="evaluate the eval_suite every N steps "
+                                                  "(default: a tenth of the run)")] = None
+    eval_target: Annotated[float, Field(gt=0, le=1, description="stop when the eval_suite's efficacy "
+                                        "reaches this")] = 1.0
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 42
     train_on_inputs: Annotated[bool, Field(description="also take loss on prompt tokens")] = False
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
@@ -100,6 +103,7 @@ class TrainSpec(BaseModel):
     description: str = ""
     training_data: list[Any] | str | None = None
     trust_remote_code: bool = False
+    eval_suite: dict[str, Any] | str | None = None
     lora: LoraSettings = LoraSettings()
     training: TrainingSettings = TrainingSettings()
     notes: tuple[str, ...] = ()
@@ -107,10 +111,13 @@ class TrainSpec(BaseModel):
     def resolved(self) -> dict[str, Any]:
         """The flat, canonical form stored with every adapter version (data left out: it is hashed)."""
         return {"name": self.name, "model_name": self.model_name, "description": self.description,
-                "trust_remote_code": self.trust_remote_code, **self.lora.model_dump(), **self.training.model_dump()}
+                "trust_remote_code": self.trust_remote_code,
+                **({"eval_suite": self.eval_suite} if self.eval_suite is not None else {}),
+                **self.lora.model_dump(), **self.training.model_dump()}
 
 
-_TOP_KEYS = {"name", "model_name", "description", "output_dir", "training_data", "trust_remote_code"}
+_TOP_KEYS = {"name", "model_name", "description", "output_dir", "training_data", "trust_remote_code",
+             "eval_suite"}
 _LORA_KEYS = set(LoraSettings.model_fields)
 _TRAINING_KEYS = set(TrainingSettings.model_fields)
 # Alternative spellings -> canonical key. Booleans that map to a value are handled in _canonical_value.
@@ -297,7 +304,7 @@ def parse_train_config(raw: Any, *, source: str = "config", name: str | None = N
     if training_settings.warmup_steps > 0 and training_settings.warmup_ratio > 0:
         notes.append(f"warmup_steps={training_settings.warmup_steps} applies; warmup_ratio="
                      f"{training_settings.warmup_ratio} is not used (steps beat ratio, as in transformers)")
-    if training_settings.eval_steps is not None:
+    if training_settings.eval_steps is not None and "eval_suite" not in values:
         notes.append(f"eval_steps={training_settings.eval_steps} is recorded; no evaluation runs during "
                      "training unless an eval suite is configured")
     if not math.isfinite(training_settings.learning_rate):  # belt and braces: pydantic checks this too

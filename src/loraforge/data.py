@@ -199,6 +199,18 @@ def load_examples_from_file(path: Path) -> list[Example]:
     return load_examples(parse_records(read_text_file(path), path.name), path.name)
 
 
+def is_file_list(value: Any) -> bool:
+    """`training_data: [a.jsonl, b.jsonl]`: several files, read in order (a list of records holds mappings)."""
+    return isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
+
+
+def load_examples_from_files(files: list[Path]) -> list[Example]:
+    out: list[Example] = []
+    for path in files:
+        out += [Example(len(out) + i, e.messages) for i, e in enumerate(load_examples_from_file(path), 1)]
+    return out
+
+
 def data_hash(examples: list[Example]) -> str:
     """sha256 of the normalised records: the same data inline or in a file hashes the same."""
     payload = json.dumps([e.messages for e in examples], sort_keys=True, ensure_ascii=False)

@@ -124,6 +124,11 @@ class Engine:
                         base.model.delete_adapter(key)
                         del base.adapters[key]
                         removed.append(key)
+                if base.peft and not base.adapters:  # no adapter left: take the LoRA layers out again
+                    base.model = base.model.unload()
+                    base.peft = False
+                elif removed and base.adapters:  # peft keeps the deleted name active otherwise
+                    base.model.set_adapter(next(iter(base.adapters)))
         return removed
 
     def loaded_adapters(self) -> dict[str, str]:
@@ -179,6 +184,19 @@ class Engine:
         ended = stopped or (new and new[-1] == base.tokenizer.eos_token_id) or len(new) < max_tokens
         return Completion(text.strip(), int(enc["input_ids"].shape[1]), len(new), "stop" if ended else "length",
                           shown)
+
+    def generate_batch(self, model: str, chats: list[list[dict]], *, n: int = 1, temperature: float = 0.0,
+                       top_p: float = 1.0, max_tokens: int = 96, seed: int | None = None) -> list[list[str]]:
+        """`n` answers per chat, generated as one left-padded batch (evaluation; not streamed)."""
+        if n > 1 and not temperature:
+            raise LoraforgeError("several samples per prompt need temperature > 0", field="temperature")
+        from loraforge.generation import batch_generate
+
+        base, adapter, _shown = self.resolve_model(model)
+        with base.lock:
+            return batch_generate(base.model, base.tokenizer, chats, n=n, temperature=temperature, top_p=top_p,
+                                  max_tokens=max_tokens, seed=seed, device=base.device,
+                                  adapter_name=adapter if base.peft else None)
 
     def stream(self, model: str, messages: list[dict], *, temperature: float = 0.0, top_p: float = 1.0,
                max_tokens: int = 128, stop: list[str] | None = None, seed: int | None = None) -> Iterator[str]:

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
+
 from loraforge import paths
 from loraforge.data import Example
+from loraforge.errors import ConfigError
 from loraforge.store import AdapterVersion, Store
 from loraforge.train.plan import TrainPlan
 from loraforge.train.recipe import Progress, TrainResult, train
@@ -17,13 +20,20 @@ from loraforge.train.recipe import Progress, TrainResult, train
 def train_into_store(store: Store, plan: TrainPlan, examples: list[Example], *, run_id: str, resume: bool = False,
                      on_progress: Callable[[Progress], None] | None = None, log: Callable[[str], None] = print,
                      should_stop: Callable[[], bool] = lambda: False,
-                     status: str = "active", parent: int | None = None) -> tuple[AdapterVersion, TrainResult]:
+                     status: str = "active", parent: int | None = None, init_adapter: Path | None = None,
+                     extra_files: dict[str, object] | None = None) -> tuple[AdapterVersion, TrainResult]:
+    """Train and publish. `extra_files` (name -> JSON object) are stored in the version folder too."""
     run_dir = store.run_dir(run_id)
     staged = store.new_tmp_dir()
     result = train(plan, examples, run_dir=run_dir, out_dir=staged, resume=resume, on_progress=on_progress,
-                   log=log, should_stop=should_stop)
+                   log=log, should_stop=should_stop, monitor=knowledge_monitor(plan.spec), init_adapter=init_adapter)
     with open(staged / "data.jsonl", "w", encoding="utf-8") as handle:
         handle.writelines(json.dumps({"messages": e.messages}, ensure_ascii=False) + "\n" for e in examples)
+    extra_files = dict(extra_files or {})
+    if isinstance(plan.spec.eval_suite, dict):  # the suite it was trained against gates its later updates
+        extra_files.setdefault("suite.json", {k: v for k, v in plan.spec.eval_suite.items() if k != "source_dir"})
+    for file_name, content in extra_files.items():
+        paths.atomic_write_json(paths.inside(staged, file_name), content)
     manifest = result.manifest
     version = store.publish(
         plan.spec.name, staged, base_model=manifest["base_model"]["id"],
@@ -33,6 +43,18 @@ def train_into_store(store: Store, plan: TrainPlan, examples: list[Example], *, 
     )
     paths.remove_tree(run_dir)  # the version is the durable result; checkpoints are no longer needed
     return version, result
+
+
+def knowledge_monitor(spec):
+    """The training-time evaluator for a spec's eval_suite (already resolved to a mapping), if any."""
+    if spec.eval_suite is None:
+        return None
+    from loraforge.evals.monitor import KnowledgeMonitor
+    from loraforge.evals.suite import parse_suite
+
+    if not isinstance(spec.eval_suite, dict):
+        raise ConfigError("eval_suite must be resolved to a suite before training", field="eval_suite")
+    return KnowledgeMonitor(parse_suite(spec.eval_suite, source="eval_suite"), target=spec.training.eval_target)
 
 
 def unfinished_run(store: Store, run_id: str) -> int | None:

@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from loraforge import paths
-from loraforge.errors import IntegrityError, NotFound
+from loraforge.errors import Conflict, IntegrityError, NotFound
 from loraforge.names import AdapterRef, check_name, parse_ref
 
 SCHEMA = """
@@ -46,6 +46,37 @@ CREATE TABLE IF NOT EXISTS versions (
     parent INTEGER,
     created_at TEXT NOT NULL,
     PRIMARY KEY (name, version)
+);
+CREATE TABLE IF NOT EXISTS evals (
+    id TEXT PRIMARY KEY,
+    name TEXT,
+    version INTEGER,
+    model TEXT NOT NULL,
+    suite TEXT NOT NULL,
+    suite_digest TEXT NOT NULL,
+    scores_json TEXT NOT NULL,
+    base_scores_json TEXT,
+    created_at TEXT NOT NULL,
+    FOREIGN KEY (name, version) REFERENCES versions(name, version) ON DELETE CASCADE
+);
+CREATE INDEX IF NOT EXISTS evals_by_version ON evals(name, version);
+CREATE TABLE IF NOT EXISTS decisions (
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    decision TEXT NOT NULL CHECK (decision IN ('promote', 'reject')),
+    reasons_json TEXT NOT NULL,
+    detail_json TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (name, version),
+    FOREIGN KEY (name, version) REFERENCES versions(name, version) ON DELETE CASCADE
+);
+CREATE TABLE IF NOT EXISTS status_log (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL REFERENCES adapters(name) ON DELETE CASCADE,
+    version INTEGER NOT NULL,
+    action TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT '',
+    created_at TEXT NOT NULL
 );
 """
 STATUSES = ("candidate", "active", "archived", "rejected")
@@ -99,7 +130,7 @@ class Store:
     def __init__(self, root: Path | None = None):
         self.root = (root or paths.home()).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
-        for sub in ("adapters", "runs", "tmp", "data"):
+        for sub in ("adapters", "runs", "tmp", "data", "evals", "snapshots", "suites"):
             (self.root / sub).mkdir(exist_ok=True)
         with self.reading() as db:
             db.executescript(SCHEMA)
@@ -180,6 +211,7 @@ class Store:
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (name, version, status, base_model, base_fingerprint, json.dumps(config), data_hash,
                      json.dumps(metrics), json.dumps(size), json.dumps(files), parent, _now()))
+                self._log(db, name, version, "publish", status)
                 if status == "active":
                     db.execute("UPDATE versions SET status = 'archived' WHERE name = ? AND status = 'active' "
                                "AND version != ?", (name, version))
@@ -189,6 +221,131 @@ class Store:
                 raise
             paths.fsync_dir(final.parent)
         return self.get(AdapterRef(name, version))
+
+    # ---- lifecycle: promotion, rejection, rollback, retention ------------------------------------------
+    def activate(self, name: str, version: int, *, action: str = "promote", detail: str = "") -> AdapterVersion:
+        """Make `version` the active one in one transaction (the previous active becomes archived).
+
+        Serving resolves NAME to a version per request, so requests in flight finish on the version they
+        started with and the next request gets this one.
+        """
+        with self.transaction() as db:
+            row = db.execute("SELECT status FROM versions WHERE name = ? AND version = ?", (name, version)).fetchone()
+            if row is None:
+                raise NotFound(f"adapter '{name}@v{version}' not found", field="version")
+            if row["status"] == "rejected" and action != "force":
+                raise Conflict(f"{name}@v{version} was rejected by the gate; it cannot become active",
+                               field="version")
+            db.execute("UPDATE versions SET status = 'archived' WHERE name = ? AND status = 'active'", (name,))
+            db.execute("UPDATE versions SET status = 'active' WHERE name = ? AND version = ?", (name, version))
+            db.execute("UPDATE adapters SET active_version = ? WHERE name = ?", (version, name))
+            self._log(db, name, version, action, detail)
+        return self.get(AdapterRef(name, version))
+
+    def reject(self, name: str, version: int, reasons: list[str]) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE versions SET status = 'rejected' WHERE name = ? AND version = ?", (name, version))
+            self._log(db, name, version, "reject", "; ".join(reasons))
+
+    def rollback(self, name: str, to: int | None = None) -> AdapterVersion:
+        """Activate `to`, or else the active version's parent (the version it was trained from)."""
+        current = self.get(AdapterRef(name, None))
+        target = to if to is not None else current.parent
+        if target is None:
+            raise Conflict(f"{current.ref} has no parent to roll back to; name a version with --to", field="to")
+        if target == current.version:
+            raise Conflict(f"{current.ref} is already active", field="to")
+        return self.activate(name, target, action="rollback", detail=f"from v{current.version}")
+
+    def record_decision(self, name: str, version: int, decision: dict, detail: dict) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO decisions(name, version, decision, reasons_json, detail_json, "
+                       "created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                       (name, version, decision["decision"], json.dumps(decision["reasons"]), json.dumps(detail),
+                        _now()))
+
+    def decisions(self, name: str) -> dict[int, dict]:
+        with self.reading() as db:
+            rows = db.execute("SELECT * FROM decisions WHERE name = ?", (name,)).fetchall()
+        return {r["version"]: {"decision": r["decision"], "reasons": json.loads(r["reasons_json"]),
+                               **json.loads(r["detail_json"]), "at": r["created_at"]} for r in rows}
+
+    def status_log(self, name: str) -> list[dict]:
+        with self.reading() as db:
+            rows = db.execute("SELECT * FROM status_log WHERE name = ? ORDER BY id", (name,)).fetchall()
+        return [{"version": r["version"], "action": r["action"], "detail": r["detail"], "at": r["created_at"]}
+                for r in rows]
+
+    def lineage(self, version: AdapterVersion) -> list[AdapterVersion]:
+        """The version and its ancestors, newest first."""
+        chain, seen = [version], {version.version}
+        while chain[-1].parent is not None and chain[-1].parent not in seen:
+            parent = self.get(AdapterRef(version.name, chain[-1].parent))
+            chain.append(parent)
+            seen.add(parent.version)
+        return chain
+
+    def prune(self, name: str, keep: int) -> list[int]:
+        """Delete all but the newest `keep` versions; never the active version or its parent."""
+        if keep < 1:
+            raise ValueError("keep must be at least 1")
+        versions = self.versions(name)
+        active = next((v for v in versions if v.status == "active"), None)
+        protected = {v.version for v in versions[-keep:]}
+        if active is not None:
+            protected |= {active.version} | ({active.parent} if active.parent else set())
+        doomed = [v.version for v in versions if v.version not in protected]
+        for number in doomed:
+            folder = self.version_dir(name, number)
+            trash = self.new_tmp_dir()
+            with self.transaction() as db:
+                db.execute("DELETE FROM versions WHERE name = ? AND version = ?", (name, number))
+                self._log(db, name, number, "prune", f"kept the newest {keep}")
+                if folder.exists():
+                    folder.rename(trash)
+            paths.remove_tree(trash)
+        return doomed
+
+    @staticmethod
+    def _log(db, name: str, version: int, action: str, detail: str) -> None:
+        db.execute("INSERT INTO status_log(name, version, action, detail, created_at) VALUES (?, ?, ?, ?, ?)",
+                   (name, version, action, detail, _now()))
+
+    # ---- evaluation results -----------------------------------------------------------------------------
+    def record_eval(self, report: dict, *, name: str | None, version: int | None) -> str:
+        """Keep an eval report (full JSON under evals/) with the adapter version it tested; returns its id."""
+        eval_id = f"{int(time.time())}-{uuid.uuid4().hex[:8]}"
+        paths.atomic_write_json(self.root / "evals" / f"{eval_id}.json", report)
+        with self.transaction() as db:
+            db.execute("INSERT INTO evals(id, name, version, model, suite, suite_digest, scores_json, "
+                       "base_scores_json, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (eval_id, name, version, report["model"], report["suite"], report["suite_digest"],
+                        json.dumps({"scores": report["scores"], "tags": report["tags"]}),
+                        json.dumps({"scores": report["base"]["scores"], "tags": report["base"]["tags"]})
+                        if report.get("base") else None, _now()))
+        return eval_id
+
+    def evals(self, name: str, version: int | None = None) -> list[dict]:
+        """Eval summaries of an adapter (or one version), newest first."""
+        query = "SELECT * FROM evals WHERE name = ?" + (" AND version = ?" if version is not None else "")
+        with self.reading() as db:
+            rows = db.execute(query + " ORDER BY created_at DESC, id DESC",
+                              (name,) + ((version,) if version is not None else ())).fetchall()
+        out = []
+        for row in rows:
+            scores = json.loads(row["scores_json"])
+            base = json.loads(row["base_scores_json"]) if row["base_scores_json"] else None
+            out.append({"id": row["id"], "ref": f"{row['name']}@v{row['version']}", "suite": row["suite"],
+                        "suite_digest": row["suite_digest"], "scores": scores["scores"], "tags": scores["tags"],
+                        "base_scores": base["scores"] if base else None, "created_at": row["created_at"]})
+        return out
+
+    def eval_report(self, eval_id: str) -> dict:
+        check_name(eval_id, "eval id")
+        path = paths.inside(self.root / "evals", f"{eval_id}.json")
+        if not path.is_file():
+            raise NotFound(f"eval {eval_id!r} not found", field="eval")
+        return json.loads(path.read_text(encoding="utf-8"))
 
     def _row_to_version(self, row: sqlite3.Row) -> AdapterVersion:
         return AdapterVersion(

@@ -37,16 +37,19 @@ def run_job(job_id: str) -> int:
             last_check[1] = queue.get(job_id).status != "running"
         return last_check[1]
 
+    on_progress = lambda p: queue.add_event(job_id, "progress", asdict(p))  # noqa: E731
+    log = lambda m: queue.add_event(job_id, "log", {"message": m})  # noqa: E731
     try:
-        spec = TrainSpec.model_validate(job.spec)
         examples = load_examples_from_file(queue.data_file(job_id))
-        plan = plan_training(spec)
-        version, _ = train_into_store(
-            store, plan, examples, run_id=job_id, resume=job.resume,
-            on_progress=lambda p: queue.add_event(job_id, "progress", asdict(p)),
-            log=lambda m: queue.add_event(job_id, "log", {"message": m}), should_stop=should_stop)
-        if not queue.finish(job_id, "succeeded", result=version.ref):
-            queue.add_event(job_id, "log", {"message": f"finished as {version.ref} after the job was cancelled"})
+        if job.kind == "update":
+            outcome = _update(store, queue, job, examples, on_progress, log, should_stop)
+        else:
+            plan = plan_training(TrainSpec.model_validate(job.spec))
+            version, _ = train_into_store(store, plan, examples, run_id=job_id, resume=job.resume,
+                                          on_progress=on_progress, log=log, should_stop=should_stop)
+            outcome = version.ref
+        if not queue.finish(job_id, "succeeded", result=outcome):
+            queue.add_event(job_id, "log", {"message": f"finished as {outcome} after the job was cancelled"})
     except Stopped:
         paths.remove_tree(store.run_dir(job_id))
     except LoraforgeError as exc:
@@ -60,6 +63,21 @@ def run_job(job_id: str) -> int:
         queue.finish(job_id, "failed", error=f"internal error: {type(exc).__name__}: {first}")
         return 1
     return 0
+
+
+def _update(store, queue, job, examples, on_progress, log, should_stop):
+    """A continuous update as a job: train the candidate, gate it, record the decision as an event."""
+    from loraforge.continuous import UpdateOptions, run_update
+    from loraforge.evals.suite import parse_suite
+
+    suite = parse_suite(job.spec["suite"], source="suite") if job.spec.get("suite") else None
+    result = run_update(store, job.adapter, examples, suite, UpdateOptions.from_json(job.spec["options"]),
+                        run_id=job.id, device=job.device, log=log, on_progress=on_progress,
+                        should_stop=should_stop, resume=job.resume)
+    queue.add_event(job.id, "decision", {"version": result.version.ref, "promoted": result.promoted,
+                                         "reasons": result.reasons, "scores": result.scores,
+                                         "parent_scores": result.parent_scores})
+    return f"{result.version.ref} {'promoted' if result.promoted else 'rejected'}"
 
 
 if __name__ == "__main__":

@@ -53,9 +53,11 @@ def show_adapter(name: str, request: Request):
     if not versions:
         store.get(ref)  # raises a 404 naming the adapter
     if ref.version is not None:
-        return store.get(ref).public()
+        return {**store.get(ref).public(), "evals": store.evals(ref.name, ref.version)}
     active = next((v.version for v in versions if v.status == "active"), None)
-    return {"name": ref.name, "active_version": active, "versions": [v.public() for v in versions]}
+    evals = store.evals(ref.name)
+    return {"name": ref.name, "active_version": active,
+            "versions": [{**v.public(), "evals": [e for e in evals if e["ref"] == v.ref]} for v in versions]}
 
 
 @router.post("/api/adapters/{name:path}/load")

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from loraforge import paths
 from loraforge.config import parse_train_config
-from loraforge.data import load_examples, load_examples_from_file, parse_records
+from loraforge.data import is_file_list, load_examples, load_examples_from_file, load_examples_from_files, parse_records
 from loraforge.errors import DataError, LoraforgeError
 from loraforge.jobs import TERMINAL
 from loraforge.train.plan import plan_training
@@ -60,8 +60,16 @@ async def start_training(request: Request):
     if not isinstance(raw, dict):
         raise LoraforgeError("body must be a JSON object (a training config)", field="body")
     spec = parse_train_config(raw, source="request")
+    if spec.eval_suite is not None:  # inline, or a file in the store's suites folder
+        from loraforge.evals.suite import resolve_suite
+
+        suite = resolve_suite(spec.eval_suite, store.root / "suites")
+        spec = spec.model_copy(update={"eval_suite": suite.model_dump(mode="json")})
     if uploaded is not None:
         examples = load_examples(uploaded, source)
+    elif is_file_list(spec.training_data):
+        data_root = store.root / "data"
+        examples = load_examples_from_files([paths.inside(data_root, f) for f in spec.training_data])
     elif isinstance(spec.training_data, list):
         examples = load_examples(spec.training_data, "training_data")
     elif isinstance(spec.training_data, str):

@@ -66,15 +66,30 @@ class Stopped(Exception):
     """Raised when `should_stop` asks the loop to end (a cancelled job). Nothing is saved."""
 
 
+def _fmt_scores(scores: dict) -> str:
+    return ", ".join(f"{k} {v:.0%}" for k, v in scores.items() if v is not None) or "no cases"
+
+
+def _file_hash(path: Path) -> str:
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _config_hash(resolved: dict) -> str:
     return "sha256:" + hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()
 
 
 def train(plan: TrainPlan, examples: list[Example], *, run_dir: Path, out_dir: Path, resume: bool = False,
           on_progress: Callable[[Progress], None] | None = None, log: Callable[[str], None] = print,
-          should_stop: Callable[[], bool] = lambda: False) -> TrainResult:
-    """Train a LoRA adapter as `plan` says and write the PEFT folder to `out_dir` (which must not exist)."""
-    from peft import LoraConfig, get_peft_model
+          should_stop: Callable[[], bool] = lambda: False, monitor=None,
+          init_adapter: Path | None = None) -> TrainResult:
+    """Train a LoRA adapter as `plan` says and write the PEFT folder to `out_dir` (which must not exist).
+
+    `monitor` (an `evals.monitor.KnowledgeMonitor`) scores a knowledge suite every `eval_steps`, keeps
+    the best weights and stops when efficacy reaches its target. `init_adapter` (a verified PEFT folder
+    with the same rank and targets) gives the starting weights: continuous updates start from the
+    active version instead of from zero.
+    """
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     from transformers import get_scheduler
 
     spec, t = plan.spec, plan.spec.training
@@ -106,6 +121,13 @@ def train(plan: TrainPlan, examples: list[Example], *, run_dir: Path, out_dir: P
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecation notices inside peft
         model = get_peft_model(model, lora_config)
+    if init_adapter is not None:
+        from safetensors.torch import load_file
+
+        loaded = set_peft_model_state_dict(model, load_file(str(init_adapter / "adapter_model.safetensors")))
+        if loaded.unexpected_keys:
+            raise ValueError(f"the starting adapter does not fit this config: {loaded.unexpected_keys[:3]}")
+        log(f"starting from the weights of {init_adapter.parent.name}@{init_adapter.name}")
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay)
@@ -126,14 +148,15 @@ def train(plan: TrainPlan, examples: list[Example], *, run_dir: Path, out_dir: P
         f"{per_epoch} steps per epoch, {total_steps} steps")
 
     resolved = {**spec.resolved(), "max_seq_length": plan.max_seq_length}
-    identity = {"config": _config_hash(resolved), "data": data_hash(examples)}
+    identity = {"config": _config_hash(resolved), "data": data_hash(examples),
+                "init": _file_hash(init_adapter / "adapter_model.safetensors") if init_adapter else None}
     step, start_epoch, start_window = 0, 0, 0
     resumed_from = None
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume and (latest := ckpt.latest_checkpoint(run_dir)) is not None:
         saved = ckpt.read_state(latest)
         for key, value in identity.items():
-            if saved["identity"][key] != value:
+            if saved["identity"].get(key) != value:
                 raise ValueError(f"cannot resume: the {key} changed since checkpoint {latest.name}")
         state = ckpt.load_checkpoint(latest, model, optimizer)
         step, start_epoch, start_window = state["step"], state["epoch"], state["window"]
@@ -144,6 +167,15 @@ def train(plan: TrainPlan, examples: list[Example], *, run_dir: Path, out_dir: P
     metrics_path = run_dir / "metrics.jsonl"
     if not resume:
         metrics_path.unlink(missing_ok=True)
+    eval_every = t.eval_steps or max(1, total_steps // 10)
+    best_state: dict | None = None
+    stopped_at: int | None = None
+    if monitor is not None:
+        model.eval()
+        base_scores = monitor.start(model, tokenizer, placement.device)
+        model.train()
+        log(f"knowledge suite {monitor.suite.name}: base {_fmt_scores(base_scores)}; evaluating every "
+            f"{eval_every} steps, stopping at efficacy >= {monitor.target:.0%}")
 
     # ---- fit -----------------------------------------------------------------------------------------
     started = time.perf_counter()
@@ -153,13 +185,13 @@ def train(plan: TrainPlan, examples: list[Example], *, run_dir: Path, out_dir: P
     first_loss = None
     last_loss = float("nan")
     epoch = start_epoch
-    while step < total_steps:
+    while step < total_steps and stopped_at is None:
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(t.seed + epoch)).tolist()
         batches = [order[i:i + t.batch_size] for i in range(0, len(order), t.batch_size)]
         windows = [batches[i:i + t.gradient_accumulation_steps]
                    for i in range(0, len(batches), t.gradient_accumulation_steps)]
         for w_index in range(start_window if epoch == start_epoch else 0, len(windows)):
-            if step >= total_steps:
+            if step >= total_steps or stopped_at is not None:
                 break
             if should_stop():
                 raise Stopped()
@@ -207,14 +239,26 @@ def train(plan: TrainPlan, examples: list[Example], *, run_dir: Path, out_dir: P
                     "step": step, "epoch": nxt_epoch, "window": nxt_window, "identity": identity,
                 }, keep=t.save_total_limit)
                 log(f"checkpoint saved at step {step}")
+            if monitor is not None and (step % eval_every == 0 or step == total_steps):
+                model.eval()
+                scores, improved, reached = monitor.check(model, tokenizer, placement.device, step)
+                model.train()
+                log(f"step {step}: {_fmt_scores(scores)}" + (" (best so far)" if improved else ""))
+                if improved:
+                    best_state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+                if reached:
+                    stopped_at = step
+                    log(f"efficacy reached {monitor.target:.0%} at step {step}: stopping")
         epoch += 1
     elapsed = time.perf_counter() - started
 
     # ---- save ----------------------------------------------------------------------------------------
-    from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     model.eval()
+    if monitor is not None and best_state is not None and monitor.best["step"] != step:
+        set_peft_model_state_dict(model, best_state)
+        log(f"keeping the best evaluated weights, from step {monitor.best['step']}")
     tmp = out_dir.parent / f".tmp-{out_dir.name}-{int(time.time() * 1000)}"
     tmp.mkdir(parents=True)
     state = get_peft_model_state_dict(model)
@@ -235,11 +279,13 @@ def train(plan: TrainPlan, examples: list[Example], *, run_dir: Path, out_dir: P
         "notes": list(spec.notes),
         "data": {"hash": identity["data"], "examples": len(examples),
                  "trained_tokens": sum(d.trained_tokens for d in data)},
-        "training": {"device": placement.device, "precision": placement.precision, "steps": total_steps,
-                     "seconds": round(elapsed, 2), "first_loss": first_loss, "final_loss": last_loss,
+        "training": {"device": placement.device, "precision": placement.precision, "steps": step,
+                     "planned_steps": total_steps, "seconds": round(elapsed, 2), "first_loss": first_loss, "final_loss": last_loss,
                      "resumed_from_step": resumed_from, "tokens": int(tokens_seen)},
         "size": sizes,
     }
+    if monitor is not None:
+        manifest["knowledge"] = monitor.summary(stopped_at)
     paths.atomic_write_json(tmp / "loraforge.json", manifest)
     with open(tmp / "metrics.jsonl", "w", encoding="utf-8") as handle:
         handle.writelines(json.dumps(h) + "\n" for h in all_history)
@@ -247,5 +293,5 @@ def train(plan: TrainPlan, examples: list[Example], *, run_dir: Path, out_dir: P
     del model, optimizer
     if placement.device == "cuda":
         torch.cuda.empty_cache()
-    return TrainResult(out_dir, manifest, total_steps, last_loss, first_loss or float("nan"), resumed_from,
+    return TrainResult(out_dir, manifest, step, last_loss, first_loss or float("nan"), resumed_from,
                        all_history)

@@ -1,0 +1,1 @@
+"""Knowledge suites, their runner, the promotion gate and training-time evaluation."""
