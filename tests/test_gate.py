@@ -28,7 +28,13 @@ PARENT = {"day1": s(1.0, 1.0, 1.0), "for-two": s(1.0, 0.9, 0.98)}
     ({**PARENT, "day2": s(1.0, None, 1.0)}, PARENT, "day2", GatePolicy(min_generalization=0.5), True, []),
     # an earlier fact forgotten (the poisoned update)
     ({"day1": s(0.0, 0.0, 1.0), "for-two": PARENT["for-two"], "day2": s(1.0, 1.0, 1.0)}, PARENT, "day2",
-     GatePolicy(), False, ["suite day1: efficacy 100.0% -> 0.0%", "suite day1: generalization 100.0% -> 0.0%"]),
+     GatePolicy(), False, ["suite day1: efficacy 100.0% -> 0.0%"]),
+    # earlier paraphrase scores are guarded only when asked
+    ({"day1": s(1.0, 0.33, 1.0), "for-two": PARENT["for-two"], "day2": s(1.0, 1.0, 1.0)}, PARENT, "day2",
+     GatePolicy(), True, []),
+    ({"day1": s(1.0, 0.33, 1.0), "for-two": PARENT["for-two"], "day2": s(1.0, 1.0, 1.0)}, PARENT, "day2",
+     GatePolicy(guard=("efficacy", "generalization", "retention")), False,
+     ["suite day1: generalization 100.0% -> 33.0%"]),
     # retention dropped beyond tolerance
     ({"day1": PARENT["day1"], "for-two": s(1.0, 0.9, 0.90), "day2": s(1.0, 1.0, 1.0)}, PARENT, "day2",
      GatePolicy(), False, ["suite for-two: retention 98.0% -> 90.0%"]),

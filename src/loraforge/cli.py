@@ -361,8 +361,11 @@ def cmd_update(args) -> int:
     new = load_examples_from_file(Path(args.data))
     suite = load_suite(Path(args.suite)) if args.suite else None
     options = UpdateOptions(replay_ratio=args.replay_ratio, seed=args.seed, keep=args.keep, num_epochs=args.epochs,
+                            learning_rate=args.learning_rate,
                             policy=GatePolicy(min_efficacy=args.min_efficacy, tolerance=args.tolerance,
-                                              min_generalization=args.min_generalization))
+                                              min_generalization=args.min_generalization,
+                                              guard=("efficacy", "retention")
+                                              + (("generalization",) if args.guard_generalization else ())))
     result = run_update(Store(), args.name, new, suite, options, run_id=f"update-{uuid.uuid4().hex[:12]}",
                         device=args.device, log=lambda m: console.print(m, markup=False))
     verdict = "promoted" if result.promoted else "rejected"
@@ -558,8 +561,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-efficacy", type=float, default=0.9, help="new suite's efficacy needed (default 0.9)")
     p.add_argument("--min-generalization", type=float, default=0.0, help="new suite's paraphrase score needed")
     p.add_argument("--tolerance", type=float, default=0.05, help="allowed drop on earlier suites (default 0.05)")
+    p.add_argument("--guard-generalization", action="store_true",
+                   help="also reject when earlier suites' paraphrase scores drop (default: efficacy, retention)")
     p.add_argument("--keep", type=int, help="afterwards keep only the newest K versions")
     p.add_argument("--epochs", type=float, help="epochs for this update (default: the parent's)")
+    p.add_argument("--learning-rate", type=float, help="learning rate for this update (default: the parent's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the replay sample")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     p.set_defaults(func=cmd_update)

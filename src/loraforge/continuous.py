@@ -33,6 +33,7 @@ class UpdateOptions:
     policy: GatePolicy = field(default_factory=GatePolicy)
     keep: int | None = None  # retention policy: keep the newest K versions (active and its parent always)
     num_epochs: float | None = None  # override the parent's epochs for this update
+    learning_rate: float | None = None  # override the parent's learning rate for this update
 
     def to_json(self) -> dict:
         return {**asdict(self), "policy": asdict(self.policy)}
@@ -69,22 +70,35 @@ def lineage_suites(store: Store, version: AdapterVersion) -> dict[str, Suite]:
 
 
 def replay_sample(store: Store, parent: AdapterVersion, new: list[Example], ratio: float, seed: int) -> list[Example]:
-    """A deterministic sample of the lineage's training data (not repeating the new records)."""
+    """A deterministic replay sample of what the lineage learned: round(ratio × new) examples, spread
+    evenly over the versions (each version's own new data; the root's whole data), so an early lesson
+    keeps its share however many updates followed. New records are never replayed."""
     if ratio <= 0:
         return []
+    rng = random.Random(seed)
     seen = {json.dumps(e.messages, sort_keys=True) for e in new}
-    pool: list[Example] = []
+    pools: list[list[Example]] = []
     for ancestor in store.lineage(parent):
-        data = ancestor.path / "data.jsonl"
+        own = ancestor.path / "new_data.jsonl"
+        data = own if own.is_file() else ancestor.path / "data.jsonl"
         if not data.is_file():
             continue
+        pool = []
         for example in load_examples_from_file(data):
             key = json.dumps(example.messages, sort_keys=True)
             if key not in seen:
                 seen.add(key)
                 pool.append(example)
-    count = min(len(pool), round(ratio * len(new)))
-    return random.Random(seed).sample(pool, count)
+        if pool:
+            rng.shuffle(pool)
+            pools.append(pool)
+    wanted = round(ratio * len(new))
+    sample: list[Example] = []
+    while len(sample) < wanted and any(pools):
+        for pool in pools:
+            if pool and len(sample) < wanted:
+                sample.append(pool.pop())
+    return sample
 
 
 def run_update(store: Store, name: str, new: list[Example], suite: Suite | None, options: UpdateOptions, *,
@@ -105,6 +119,8 @@ def run_update(store: Store, name: str, new: list[Example], suite: Suite | None,
     config = {k: v for k, v in parent.config.items() if k not in ("name", "eval_suite")}
     if options.num_epochs is not None:
         config.update(num_epochs=options.num_epochs, max_steps=-1)
+    if options.learning_rate is not None:
+        config["learning_rate"] = options.learning_rate
     if device != "auto":
         config["device"] = device
     spec = parse_train_config(config, source=f"{parent.ref} config", name=name)
@@ -114,7 +130,8 @@ def run_update(store: Store, name: str, new: list[Example], suite: Suite | None,
         f"(ratio {options.replay_ratio:g})")
     plan = plan_training(spec)
     extra = {"update.json": {"parent": parent.ref, "new_examples": len(new), "replayed": len(replay),
-                             "options": options.to_json()}}
+                             "options": options.to_json()},
+             "new_data.jsonl": [{"messages": e.messages} for e in new]}
     if suite is not None:
         extra["suite.json"] = suite.model_dump(mode="json", exclude={"source_dir"})
     version, _ = train_into_store(store, plan, examples, run_id=run_id, resume=resume, on_progress=on_progress,
@@ -128,7 +145,8 @@ def run_update(store: Store, name: str, new: list[Example], suite: Suite | None,
     scores, parent_scores = {}, {}
     for suite_name, one in sorted(suites.items()):
         scores[suite_name] = evaluate(engine, store, one, adapter=version.ref)["scores"]
-        parent_scores[suite_name] = evaluate(engine, store, one, adapter=parent.ref)["scores"]
+        parent_scores[suite_name] = _stored_scores(store, parent, one) or evaluate(
+            engine, store, one, adapter=parent.ref)["scores"]
         log(f"suite {suite_name}: parent {_fmt(parent_scores[suite_name])} | candidate {_fmt(scores[suite_name])}")
     decision = decide_promotion(scores, {k: v for k, v in parent_scores.items() if k in earlier},
                                 suite.name if suite else None, options.policy)
@@ -149,6 +167,16 @@ def run_update(store: Store, name: str, new: list[Example], suite: Suite | None,
         if pruned:
             log(f"retention policy (keep {options.keep}): removed " + ", ".join(f"v{v}" for v in pruned))
     return UpdateResult(version, decision.promote, decision.reasons, scores, parent_scores, len(replay), len(new))
+
+
+def _stored_scores(store: Store, version: AdapterVersion, suite: Suite) -> dict | None:
+    """The version's scores on this exact suite (same digest) from an earlier greedy run, if kept."""
+    for summary in store.evals(version.name, version.version):
+        if summary["suite_digest"] == suite.digest():
+            report = store.eval_report(summary["id"])
+            if report["samples"] == 1 and report["decoding"]["temperature"] == 0 and report["base"] is None:
+                return summary["scores"]
+    return None
 
 
 def _fmt(scores: dict) -> str:

@@ -22,7 +22,8 @@ def train_into_store(store: Store, plan: TrainPlan, examples: list[Example], *, 
                      should_stop: Callable[[], bool] = lambda: False,
                      status: str = "active", parent: int | None = None, init_adapter: Path | None = None,
                      extra_files: dict[str, object] | None = None) -> tuple[AdapterVersion, TrainResult]:
-    """Train and publish. `extra_files` (name -> JSON object) are stored in the version folder too."""
+    """Train and publish. `extra_files` (name -> JSON object, or a list of rows for .jsonl) are stored in
+    the version folder too."""
     run_dir = store.run_dir(run_id)
     staged = store.new_tmp_dir()
     result = train(plan, examples, run_dir=run_dir, out_dir=staged, resume=resume, on_progress=on_progress,
@@ -33,7 +34,11 @@ def train_into_store(store: Store, plan: TrainPlan, examples: list[Example], *, 
     if isinstance(plan.spec.eval_suite, dict):  # the suite it was trained against gates its later updates
         extra_files.setdefault("suite.json", {k: v for k, v in plan.spec.eval_suite.items() if k != "source_dir"})
     for file_name, content in extra_files.items():
-        paths.atomic_write_json(paths.inside(staged, file_name), content)
+        target = paths.inside(staged, file_name)
+        if file_name.endswith(".jsonl"):
+            paths.atomic_write_text(target, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in content))
+        else:
+            paths.atomic_write_json(target, content)
     manifest = result.manifest
     version = store.publish(
         plan.spec.name, staged, base_model=manifest["base_model"]["id"],

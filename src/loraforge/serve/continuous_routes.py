@@ -28,8 +28,10 @@ class UpdateRequest(BaseModel):
     min_efficacy: float = Field(default=0.9, ge=0, le=1)
     min_generalization: float = Field(default=0.0, ge=0, le=1)
     tolerance: float = Field(default=0.05, ge=0, le=1)
+    guard_generalization: bool = False
     keep: int | None = Field(default=None, ge=1)
     num_epochs: float | None = Field(default=None, gt=0, le=100000)
+    learning_rate: float | None = Field(default=None, gt=0, le=1)
     seed: int = Field(default=0, ge=0)
 
 
@@ -53,8 +55,10 @@ def start_update(name: str, body: UpdateRequest, request: Request):
         examples = load_examples(body.training_data, "training_data")
     suite = resolve_suite(body.suite, store.root / "suites", field="suite") if body.suite is not None else None
     options = UpdateOptions(replay_ratio=body.replay_ratio, seed=body.seed, keep=body.keep,
-                            num_epochs=body.num_epochs,
-                            policy=GatePolicy(body.min_efficacy, body.min_generalization, body.tolerance))
+                            num_epochs=body.num_epochs, learning_rate=body.learning_rate,
+                            policy=GatePolicy(body.min_efficacy, body.min_generalization, body.tolerance,
+                                              ("efficacy", "retention")
+                                              + (("generalization",) if body.guard_generalization else ())))
     spec = {"options": options.to_json(),
             "suite": suite.model_dump(mode="json") if suite is not None else None}
     job = queue.submit(adapter=name, spec=spec, records=[{"messages": e.messages} for e in examples],

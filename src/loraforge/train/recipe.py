@@ -125,8 +125,9 @@ def train(plan: TrainPlan, examples: list[Example], *, run_dir: Path, out_dir: P
         from safetensors.torch import load_file
 
         loaded = set_peft_model_state_dict(model, load_file(str(init_adapter / "adapter_model.safetensors")))
-        if loaded.unexpected_keys:
-            raise ValueError(f"the starting adapter does not fit this config: {loaded.unexpected_keys[:3]}")
+        misfits = loaded.unexpected_keys + [k for k in loaded.missing_keys if "lora_" in k]
+        if misfits:
+            raise ValueError(f"the starting adapter does not fit this config: {misfits[:3]}")
         log(f"starting from the weights of {init_adapter.parent.name}@{init_adapter.name}")
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
