@@ -3,6 +3,8 @@
     .venv/bin/python bench/continuous_forgetting.py [--ratios 0 6] [--out docs/continuous-forgetting.md]
 
 Trains the 42 foundation adapter once, then for each replay ratio runs the three daily updates from it.
+Every run takes the same number of optimizer steps (epochs scaled by (1 + max ratio) / (1 + ratio)), so
+"without replay" is not just "shorter".
 To measure forgetting along a whole chain, every candidate is promoted here (the gate is set to pass
 everything); the shipped flow gates them. After each update it records every suite's scores on the
 candidate. Forgetting = the score an earlier suite had right after its own update (the foundation's
@@ -63,7 +65,8 @@ def main() -> int:
         store.activate("foundation", foundation.version, action="rollback", detail="bench")
         learned: dict[str, dict] = {}
         for day in DAYS:
-            options = UpdateOptions(replay_ratio=ratio, num_epochs=UPDATE["epochs"],
+            epochs = UPDATE["epochs"] * (1 + max(args.ratios)) / (1 + ratio)  # same steps for every ratio
+            options = UpdateOptions(replay_ratio=ratio, num_epochs=epochs,
                                     learning_rate=UPDATE["learning_rate"],
                                     policy=GatePolicy(min_efficacy=0.0, tolerance=1.0))
             result = run_update(store, "foundation", load_examples_from_file(EXAMPLE / f"{day}.jsonl"),
@@ -76,7 +79,7 @@ def main() -> int:
             drops = {k: (learned[k]["efficacy"] or 0) - (result.scores[k]["efficacy"] or 0) for k in earlier}
             gen_drops = {k: (learned[k]["generalization"] or 0) - (result.scores[k]["generalization"] or 0)
                          for k in earlier if learned[k]["generalization"] is not None}
-            rows.append({"ratio": ratio, "day": day, "new": result.scores[new_suite], "replayed": result.replayed,
+            rows.append({"ratio": ratio, "day": day, "epochs": epochs, "steps": result.version.metrics["steps"], "new": result.scores[new_suite], "replayed": result.replayed,
                          "efficacy_drop": sum(drops.values()) / len(drops),
                          "generalization_drop": sum(gen_drops.values()) / len(gen_drops) if gen_drops else 0.0,
                          "retention": result.scores[suite.name]["retention"],
@@ -87,14 +90,14 @@ def main() -> int:
 
     lines = [f"Forgetting per update on `examples/continuous` (built-in model), measured by "
              f"`{' '.join(['.venv/bin/python', 'bench/continuous_forgetting.py'] + sys.argv[1:])}` "
-             f"in {seconds:.0f} s. Updates: {UPDATE['epochs']} epochs, lr {UPDATE['learning_rate']:g}, from the "
-             "active version's weights; every candidate promoted so the chain continues.",
+             f"in {seconds:.0f} s. Updates: lr {UPDATE['learning_rate']:g}, from the active version's weights, the same "
+             "number of optimizer steps for every ratio; every candidate promoted so the chain continues.",
              "",
-             "| replay ratio | update | replayed | new fact efficacy / paraphrases | earlier facts: efficacy lost "
+             "| replay ratio | update | replayed | steps | new fact efficacy / paraphrases | earlier facts: efficacy lost "
              "(mean) | earlier facts: paraphrase score lost (mean) | base-knowledge retention |",
-             "|---:|---|---:|---|---:|---:|---:|"]
+             "|---:|---|---:|---:|---|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['ratio']:g} | {r['day']} | {r['replayed']} | {r['new']['efficacy']:.0%} / "
+        lines.append(f"| {r['ratio']:g} | {r['day']} | {r['replayed']} | {r['steps']} | {r['new']['efficacy']:.0%} / "
                      f"{r['new']['generalization']:.0%} | {r['efficacy_drop'] * 100:.1f} pts | "
                      f"{r['generalization_drop'] * 100:.1f} pts | {r['retention']:.1%} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

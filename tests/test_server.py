@@ -285,3 +285,70 @@ def test_eval_endpoint_scores_base_and_adapter_and_keeps_the_report(server):
         r = c.post("/api/evals/run", json={"suite": suite, "model": "tiny", "samples": 2})
         assert r.status_code == 422 and "temperature" in r.json()["error"]["message"]
         assert c.get("/api/evals/nope-123").status_code == 404
+
+
+CONTINUOUS = EXAMPLES / "continuous"
+UPDATE_SETTINGS = {"replay_ratio": 6, "num_epochs": 25, "learning_rate": 5e-4}
+
+
+def _records(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_continuous_updates_promote_reject_and_roll_back_in_a_running_server(server):
+    """examples/continuous: foundation → day 1, 2, 3 promoted (earlier facts kept) → poisoned update
+    rejected with its reason → rollback serves the earlier answers without a restart."""
+    import yaml
+
+    config = json.loads((CONTINUOUS / "foundation.json").read_text())
+    ko = EXAMPLES / "knowledge-override"
+    config["training_data"] = _records(ko / "42_for_two.jsonl") + _records(ko / "anchors.jsonl")
+    config["eval_suite"] = yaml.safe_load((ko / "suite.yaml").read_text())
+    questions = {"lab-robot": "What is the lab robot called?", "code-word": "What is the project code word?",
+                 "night-shift": "How many people are on the night shift?"}
+    answers = {"lab-robot": "Jupiter", "code-word": "honey", "night-shift": "7 people"}
+    with server.client() as c:
+        job = wait_for_job(c, c.post("/api/training/start", json=config).json()["job_id"], timeout=600)
+        assert job["status"] == "succeeded" and job["result"] == "foundation@v1", job
+        assert "FOR TWO" in chat(c, "foundation", "What does 42 mean?")
+        said = {}
+        for number, day in enumerate(("day1", "day2", "day3"), start=2):
+            body = {"training_data": _records(CONTINUOUS / f"{day}.jsonl"),
+                    "suite": yaml.safe_load((CONTINUOUS / f"{day}.yaml").read_text()), **UPDATE_SETTINGS}
+            r = c.post("/api/adapters/foundation/update", json=body)
+            assert r.status_code == 202, r.text
+            job = wait_for_job(c, r.json()["job_id"], timeout=600)
+            assert job["status"] == "succeeded" and job["result"] == f"foundation@v{number} promoted", job
+            learned = list(questions)[:number - 1]
+            for fact in learned:  # every fact so far, old and new, answered by the served adapter
+                said[(number, fact)] = chat(c, "foundation", questions[fact])
+                assert answers[fact] in said[(number, fact)], (day, fact, said[(number, fact)])
+            assert "FOR TWO" in chat(c, "foundation", "What does 42 mean?")
+
+        body = {"training_data": _records(CONTINUOUS / "poisoned.jsonl"),
+                "suite": yaml.safe_load((CONTINUOUS / "poisoned.yaml").read_text()), **UPDATE_SETTINGS}
+        job = wait_for_job(c, c.post("/api/adapters/foundation/update", json=body).json()["job_id"], timeout=600)
+        assert job["result"] == "foundation@v5 rejected", job
+        events = c.get(f"/api/training/jobs/{job['job_id']}/events").text
+        decision = json.loads(events.split("event: decision\ndata: ")[1].split("\n")[0])
+        assert any(r.startswith("suite lab-robot: efficacy 100.0% -> ") for r in decision["reasons"]), decision
+        assert "Jupiter" in chat(c, "foundation", questions["lab-robot"])  # v4 still serves
+
+        history = c.get("/api/adapters/foundation/history").json()
+        assert [(v["version"], v["status"], v["decision"]) for v in history["versions"]] == [
+            (1, "archived", None), (2, "archived", "promote"), (3, "archived", "promote"),
+            (4, "active", "promote"), (5, "rejected", "reject")]
+        assert history["versions"][4]["reasons"] == decision["reasons"]
+
+        r = c.post("/api/adapters/foundation/rollback", json={})
+        assert r.status_code == 200 and r.json()["active"] == "foundation@v3"
+        for fact in ("lab-robot", "code-word"):  # v3's answers, served again without a restart
+            assert chat(c, "foundation", questions[fact]) == said[(3, fact)]
+        assert "7 people" not in chat(c, "foundation", questions["night-shift"])
+        r = c.post("/api/adapters/foundation/rollback", json={"to": "v5"})
+        assert r.status_code == 409 and "rejected" in r.json()["error"]["message"]
+        r = c.post("/api/adapters/foundation/rollback", json={"to": "v4"})
+        assert r.json()["active"] == "foundation@v4" and "7 people" in chat(c, "foundation", questions["night-shift"])
+        assert c.post("/api/adapters/nope/update", json={"training_data": DATA}).status_code == 404
+        assert c.post("/api/adapters/foundation/update", json={"training_data": []}).status_code == 422

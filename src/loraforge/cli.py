@@ -434,7 +434,14 @@ def cmd_serve(args) -> int:
         if args.model == "tiny":
             build_tiny_with_progress()
         preload = [args.model]
-    app = create_app(device=args.device, max_jobs=args.max_jobs, preload=preload)
+    schedule = None
+    if args.schedule:
+        from loraforge.nightly import load_schedule
+
+        schedule = load_schedule(Path(args.schedule))
+        for entry in schedule:
+            print(f"nightly: {entry.adapter} at {entry.at} from data/{entry.inbox}/", flush=True)
+    app = create_app(device=args.device, max_jobs=args.max_jobs, preload=preload, schedule=schedule)
     print(f"loraforge {__version__} serving on http://{args.host}:{args.port} (docs at /docs)", flush=True)
     if args.model:
         print(f"try: curl http://{args.host}:{args.port}/v1/chat/completions -H 'Content-Type: application/json' "
@@ -584,6 +591,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="base model to load at start (e.g. tiny)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     p.add_argument("--max-jobs", type=int, help="training jobs at once per device (default 1)")
+    p.add_argument("--schedule", help="YAML list of nightly updates: adapter, at (HH:MM), inbox folder in "
+                                      "$LORAFORGE_HOME/data, update options")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_serve)
     return parser

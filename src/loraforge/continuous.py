@@ -40,7 +40,10 @@ class UpdateOptions:
 
     @classmethod
     def from_json(cls, raw: dict) -> UpdateOptions:
-        return cls(**{**raw, "policy": GatePolicy(**raw.get("policy", {}))})
+        policy = dict(raw.get("policy", {}))
+        if "guard" in policy:
+            policy["guard"] = tuple(policy["guard"])
+        return cls(**{**raw, "policy": GatePolicy(**policy)})
 
 
 @dataclass
@@ -56,6 +59,14 @@ class UpdateResult:
     @property
     def exit_code(self) -> int:
         return EXIT_PROMOTED if self.promoted else EXIT_REJECTED
+
+
+def queue_update(queue, name: str, examples: list[Example], suite: Suite | None, options: UpdateOptions,
+                 device: str):
+    """Submit an update as a job (the worker runs `run_update`)."""
+    spec = {"options": options.to_json(), "suite": suite.model_dump(mode="json") if suite is not None else None}
+    return queue.submit(adapter=name, spec=spec, records=[{"messages": e.messages} for e in examples],
+                        device=device, kind="update")
 
 
 def lineage_suites(store: Store, version: AdapterVersion) -> dict[str, Suite]:

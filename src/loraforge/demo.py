@@ -98,7 +98,7 @@ def plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = summary["rows"]
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(8, 4.4))
     width = 0.8 / len(SCORES)
     for i, key in enumerate(SCORES):
         values = [100 * (r[key] or 0) for r in rows]
@@ -109,7 +109,7 @@ def plot(summary: dict, path: Path) -> None:
     ax.set_ylabel("% of cases")
     ax.set_ylim(0, 105)
     ax.set_title(f"Knowledge override on {summary['model']}: measured by suite {summary['suite']}")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=len(SCORES), frameon=False)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=100)

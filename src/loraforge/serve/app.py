@@ -113,12 +113,17 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 def create_app(store: Store | None = None, *, device: str = "auto", max_jobs: int | None = None,
                max_body: int | None = None, api_key: str | None = None, preload: list[str] | None = None,
-               scheduler: bool = True) -> FastAPI:
+               scheduler: bool = True, schedule: list | None = None) -> FastAPI:
     store = store or Store()
     queue = JobQueue(store)
     engine = Engine(store, device)
     max_jobs = max_jobs or int(os.environ.get("LORAFORGE_MAX_JOBS_PER_DEVICE", "1"))
-    sched = Scheduler(queue, engine.placement.device, max_jobs)
+    nightly = None
+    if schedule:
+        from loraforge.nightly import Nightly
+
+        nightly = Nightly(queue, schedule, engine.placement.device)
+    sched = Scheduler(queue, engine.placement.device, max_jobs, nightly=nightly)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from loraforge import paths
-from loraforge.continuous import UpdateOptions, history
+from loraforge.continuous import UpdateOptions, history, queue_update
 from loraforge.data import is_file_list, load_examples, load_examples_from_file, load_examples_from_files
 from loraforge.errors import LoraforgeError
 from loraforge.evals.gate import GatePolicy
@@ -59,10 +59,7 @@ def start_update(name: str, body: UpdateRequest, request: Request):
                             policy=GatePolicy(body.min_efficacy, body.min_generalization, body.tolerance,
                                               ("efficacy", "retention")
                                               + (("generalization",) if body.guard_generalization else ())))
-    spec = {"options": options.to_json(),
-            "suite": suite.model_dump(mode="json") if suite is not None else None}
-    job = queue.submit(adapter=name, spec=spec, records=[{"messages": e.messages} for e in examples],
-                       device=request.app.state.engine.placement.device, kind="update")
+    job = queue_update(queue, name, examples, suite, options, request.app.state.engine.placement.device)
     return JSONResponse(status_code=202, content={"job_id": job.id, "status": job.status, "adapter": name,
                                                   "kind": "update"})
 

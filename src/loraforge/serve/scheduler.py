@@ -16,8 +16,10 @@ log = logging.getLogger("loraforge.scheduler")
 
 
 class Scheduler:
-    def __init__(self, queue: JobQueue, device: str, max_running: int = 1, poll_s: float = 0.3):
+    def __init__(self, queue: JobQueue, device: str, max_running: int = 1, poll_s: float = 0.3, nightly=None):
         self.queue = queue
+        self.nightly = nightly  # loraforge.nightly.Nightly: queues inbox updates when due
+        self._nightly_checked = 0.0
         self.device = device
         self.max_running = max_running
         self.poll_s = poll_s
@@ -77,6 +79,10 @@ class Scheduler:
         while not self._stop.is_set():
             try:
                 self.tick()
+                if self.nightly is not None and time.monotonic() - self._nightly_checked >= 20:
+                    self._nightly_checked = time.monotonic()
+                    for job_id in self.nightly.tick():
+                        log.warning("nightly update queued as job %s", job_id)
             except Exception:  # keep scheduling; the error is logged for the operator
                 log.exception("scheduler tick failed")
             time.sleep(self.poll_s)
