@@ -162,3 +162,28 @@ def test_bad_schedules_name_the_entry(tmp_path, entry, words):
     (tmp_path / "s.yaml").write_text(yaml.safe_dump([entry]))
     with pytest.raises(ConfigError, match=words):
         load_schedule(tmp_path / "s.yaml")
+
+
+def test_promotion_mid_request_finishes_on_the_version_it_started_with(tiny_dir, tmp_path):
+    from loraforge.engine import Engine
+
+    ko = EXAMPLES / "knowledge-override"
+    assert run_cli("train", str(ko / "v1_surgical.json"), "--name", "f", "--max-steps", "1", "--quiet").returncode == 0
+    strong = json.loads((ko / "v2_override.json").read_text())
+    strong["training_config"].update(learning_rate=2e-3, batch_size=8, gradient_accumulation_steps=1, warmup_steps=2,
+                                     num_epochs=20)
+    strong.update(output_dir="./adapters/f", training_data=str(ko / "42_for_two.jsonl"))
+    (tmp_path / "strong.json").write_text(json.dumps(strong))
+    store = Store()
+    result = run_cli("train", str(tmp_path / "strong.json"), "--quiet")
+    assert result.returncode == 0, result.stderr
+    store.activate("f", 1, action="rollback")
+    engine = Engine(store, "cpu")
+    prompt = [{"role": "user", "content": "What does 42 mean?"}]
+    v1, v2 = (engine.complete(f"f@v{n}", prompt, max_tokens=24).text for n in (1, 2))
+    assert v1 != v2
+    stream = engine.stream("f", prompt, max_tokens=24)
+    first = next(stream)  # the request has resolved "f" (to v1) and is generating
+    store.activate("f", 2)  # promotion while it runs
+    assert (first + "".join(stream)).strip() == v1
+    assert engine.complete("f", prompt, max_tokens=24).text == v2  # the next request gets v2

@@ -1,0 +1,1 @@
+"""Auto-tuning LoRA hyperparameters per domain (started: the task domains)."""
