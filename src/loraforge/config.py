@@ -19,15 +19,14 @@ Rules, in one place:
 from __future__ import annotations
 
 import difflib
-import json
 import math
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from loraforge.errors import ConfigError
+from loraforge.structured import read_structured
 from loraforge.names import check_name
 
 Scheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
@@ -161,23 +160,11 @@ def _canonical_value(key: str, value: Any, where: str) -> tuple[str, Any] | None
 
 def load_config_file(path: Path) -> dict[str, Any]:
     """Read a JSON or YAML config file into a dict; errors name the file."""
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path.name!r} not found") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path.name}: not UTF-8") from None
-    try:
-        if path.suffix.lower() in (".yaml", ".yml"):
-            raw = yaml.safe_load(text)
-        else:
-            raw = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path.name}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path.name}: invalid YAML: {str(exc).splitlines()[0]}") from None
+    if not Path(path).is_file():
+        raise ConfigError(f"config file {Path(path).name!r} not found")
+    raw = read_structured(Path(path))
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path.name}: a config must be a mapping of keys to values")
+        raise ConfigError(f"{Path(path).name}: a config must be a mapping of keys to values")
     return raw
 
 

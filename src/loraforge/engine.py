@@ -19,6 +19,7 @@ import torch
 from loraforge.data import render
 from loraforge.device import choose_placement
 from loraforge.errors import Conflict, LoraforgeError
+from loraforge.generation import batch_generate, decoding_kwargs
 from loraforge.models import catalog, load_base_model, resolve_base_model
 from loraforge.models.resolve import TINY, fingerprint, model_folder
 from loraforge.names import parse_ref
@@ -157,14 +158,8 @@ class Engine:
 
     def _gen_kwargs(self, base: LoadedBase, adapter: str, *, temperature: float, top_p: float, max_tokens: int,
                     stop: list[str], seed: int | None) -> dict:
-        kwargs = {"max_new_tokens": max_tokens, "pad_token_id": base.tokenizer.pad_token_id,
-                  "eos_token_id": base.tokenizer.eos_token_id}
-        if temperature and temperature > 0:
-            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
-            if seed is not None:
-                torch.manual_seed(seed)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        kwargs = decoding_kwargs(base.tokenizer, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                                 seed=seed)
         if stop:
             kwargs.update(stop_strings=stop, tokenizer=base.tokenizer)
         if base.peft:
@@ -190,8 +185,6 @@ class Engine:
         """`n` answers per chat, generated as one left-padded batch (evaluation; not streamed)."""
         if n > 1 and not temperature:
             raise LoraforgeError("several samples per prompt need temperature > 0", field="temperature")
-        from loraforge.generation import batch_generate
-
         base, adapter, _shown = self.resolve_model(model)
         with base.lock:
             return batch_generate(base.model, base.tokenizer, chats, n=n, temperature=temperature, top_p=top_p,

@@ -11,6 +11,19 @@ import torch
 from loraforge.data import render
 
 
+def decoding_kwargs(tokenizer, *, temperature: float, top_p: float, max_tokens: int, seed: int | None) -> dict:
+    """`generate` arguments: greedy at temperature 0, else sampling (seeded when a seed is given)."""
+    kwargs = {"max_new_tokens": max_tokens, "pad_token_id": tokenizer.pad_token_id,
+              "eos_token_id": tokenizer.eos_token_id}
+    if temperature and temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+        if seed is not None:
+            torch.manual_seed(seed)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return kwargs
+
+
 @torch.no_grad()
 def batch_generate(model, tokenizer, chats: list[list[dict]], *, n: int = 1, temperature: float = 0.0,
                    top_p: float = 1.0, max_tokens: int = 96, seed: int | None = None, device: str = "cpu",
@@ -24,14 +37,7 @@ def batch_generate(model, tokenizer, chats: list[list[dict]], *, n: int = 1, tem
     finally:
         tokenizer.padding_side = side
     enc = {k: v.to(device) for k, v in enc.items()}
-    kwargs = {"max_new_tokens": max_tokens, "pad_token_id": tokenizer.pad_token_id,
-              "eos_token_id": tokenizer.eos_token_id}
-    if temperature and temperature > 0:
-        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
-        if seed is not None:
-            torch.manual_seed(seed)
-    else:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    kwargs = decoding_kwargs(tokenizer, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
     if adapter_name is not None:
         kwargs["adapter_names"] = [adapter_name] * len(rows)
     out = model.generate(**enc, **kwargs)

@@ -29,7 +29,8 @@ from loraforge.continuous import UpdateOptions, queue_update
 from loraforge.data import load_examples_from_file
 from loraforge.errors import ConfigError, LoraforgeError
 from loraforge.evals.gate import GatePolicy
-from loraforge.evals.suite import load_suite, read_structured
+from loraforge.evals.suite import load_suite
+from loraforge.structured import read_structured
 from loraforge.names import check_name
 
 log = logging.getLogger("loraforge.nightly")

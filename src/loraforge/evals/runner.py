@@ -20,7 +20,8 @@ from math import comb
 from pathlib import Path
 
 from loraforge.errors import ConfigError
-from loraforge.evals.suite import KINDS, SCORE_NAMES, Case, Expect, Suite, normalise, read_structured
+from loraforge.evals.suite import KINDS, SCORE_NAMES, Case, Expect, Suite, normalise
+from loraforge.structured import read_structured
 
 Generate = Callable[[list[list[dict]], int], list[list[str]]]
 

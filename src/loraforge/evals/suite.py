@@ -27,10 +27,10 @@ import unicodedata
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from loraforge.errors import ConfigError
+from loraforge.structured import read_structured
 
 KINDS = ("target", "paraphrase", "retention")
 SCORE_NAMES = {"target": "efficacy", "paraphrase": "generalization", "retention": "retention"}
@@ -174,33 +174,6 @@ def parse_suite(raw: Any, *, source: str = "suite", source_dir: Path | None = No
     if not suite.cases and suite.retention is None:
         raise ConfigError(f"{source}: the suite has no cases and no retention probes", field="cases")
     return suite
-
-
-def read_structured(path: Path) -> Any:
-    """JSON, JSONL or YAML from a file; errors name the file."""
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except FileNotFoundError:
-        raise ConfigError(f"file {path.name!r} not found") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path.name}: not UTF-8") from None
-    try:
-        if path.suffix.lower() in (".yaml", ".yml"):
-            return yaml.safe_load(text)
-        if path.suffix.lower() == ".jsonl":
-            rows = []
-            for number, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise ConfigError(f"{path.name}: line {number}: invalid JSON: {exc.msg}") from None
-            return rows
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path.name}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path.name}: invalid YAML: {str(exc).splitlines()[0]}") from None
 
 
 def load_suite(path: Path) -> Suite:
