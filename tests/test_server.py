@@ -53,11 +53,14 @@ def test_seed_flow_v1_surgical_on_the_builtin_model(server):
         assert job["progress"]["step"] == job["progress"]["total_steps"] == 150
         r = c.post("/api/adapters/tron_collaborative_intelligence_v1/load")
         assert r.status_code == 200 and r.json()["base_model"] == "tiny"
-        prompts = [record["instruction"] for record in DATA]  # where the adapter was trained
-        base = [chat(c, "tiny", p) for p in prompts]
-        adapted = [chat(c, "tron_collaborative_intelligence_v1", p) for p in prompts]
         assert "Douglas Adams" in chat(c, "tiny")
-        changed = [p for p, b, a in zip(prompts, base, adapted) if a != b]
+        suite = {"name": "trained", "cases": [  # where the adapter was trained, answered in one batch each
+            {"id": str(i), "kind": "target", "prompt": r["instruction"], "expect": {"contains": "FOR TWO"}}
+            for i, r in enumerate(DATA)]}
+        report = c.post("/api/evals/run", json={"suite": suite, "adapter": "tron_collaborative_intelligence_v1",
+                                                "compare": "base"}).json()
+        base = {case["id"]: case["outputs"][0] for case in report["base"]["cases"]}
+        changed = [case["prompt"] for case in report["cases"] if case["outputs"][0] != base[case["id"]]]
         assert len(changed) >= 3, changed  # v1 moves answers away from the base (it does not teach FOR TWO:
         #                                    `loraforge demo` measures that, efficacy 0%, as the seed found)
         assert job["progress"]["loss"] < 0.9 * json.loads(c.get(f"/api/training/jobs/{job['job_id']}/events").text
@@ -98,9 +101,9 @@ def test_openai_client_lists_and_chats_streamed_and_not(server):
 
 def test_two_adapters_on_one_base_answer_concurrently(server):
     with server.client() as c:
-        a = c.post("/api/training/start", json=fast_config("fact-a")).json()["job_id"]
+        a = c.post("/api/training/start", json=fast_config("fact-a", max_steps=30)).json()["job_id"]
         other = [{"instruction": r["instruction"], "output": "42 means nothing at all."} for r in DATA]
-        cfg_b = {**fast_config("fact-b"), "training_data": other}
+        cfg_b = {**fast_config("fact-b", max_steps=30), "training_data": other}
         b = c.post("/api/training/start", json=cfg_b).json()["job_id"]
         assert wait_for_job(c, a)["status"] == wait_for_job(c, b)["status"] == "succeeded"
     with server.client() as c:
@@ -110,7 +113,7 @@ def test_two_adapters_on_one_base_answer_concurrently(server):
 
     def ask(model):
         with server.client() as c:
-            for _ in range(3):
+            for _ in range(2):
                 answers[model].append(chat(c, model))
 
     threads = [threading.Thread(target=ask, args=(m,)) for m in answers for _ in range(2)]
@@ -118,8 +121,8 @@ def test_two_adapters_on_one_base_answer_concurrently(server):
         t.start()
     for t in threads:
         t.join()
-    assert answers["fact-a"] == [expected["fact-a"]] * 6
-    assert answers["fact-b"] == [expected["fact-b"]] * 6
+    assert answers["fact-a"] == [expected["fact-a"]] * 4
+    assert answers["fact-b"] == [expected["fact-b"]] * 4
 
 
 def test_sigkill_worker_then_resume_finishes(server, store_home):
