@@ -156,13 +156,7 @@ def test_eval_cli_snapshot_and_compare_on_the_builtin_model(tiny_dir, tmp_path):
     (tmp_path / "probes.jsonl").write_text(
         '{"id": "sky", "prompt": "What color is the sky on a clear day?", "answer": "blue"}\n'
         '{"id": "nope", "prompt": "What is the capital of Atlantis?", "answer": "Poseidonia"}\n')
-    result = run_cli("eval", "snapshot", "--model", "tiny", "--probes", str(tmp_path / "probes.jsonl"))
-    assert result.returncode == 2 and "must be inside" in result.stderr  # probes are read relative to cwd
-    import subprocess
-    import sys
-
-    snap = subprocess.run([sys.executable, "-m", "loraforge", "eval", "snapshot", "--model", "tiny", "--probes",
-                           "probes.jsonl"], capture_output=True, text=True, cwd=tmp_path)
+    snap = run_cli("eval", "snapshot", "--model", "tiny", "--probes", str(tmp_path / "probes.jsonl"))
     assert snap.returncode == 0, snap.stderr
     assert "on 2 probes: 1 answered correctly" in snap.stdout
 

@@ -315,7 +315,8 @@ def cmd_eval(args) -> int:
     if args.suite == "snapshot":  # loraforge eval snapshot --model M [--probes FILE]
         if not args.model:
             return _err("eval snapshot needs --model")
-        probes = load_probes(args.probes or "builtin", Path.cwd())
+        probe_file = Path(args.probes).resolve() if args.probes else None  # the user's own file, any folder
+        probes = load_probes(probe_file.name, probe_file.parent) if probe_file else load_probes("builtin", None)
         snap = snapshot(engine, store, args.model, probes, max_tokens=args.max_tokens, refresh=True)
         print(f"snapshot of {snap['model']} on {snap['total']} probes: {snap['correct']} answered correctly "
               f"({snap['correct'] / snap['total']:.1%}); retention counts these")
