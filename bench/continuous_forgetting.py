@@ -14,13 +14,14 @@ suite: at the start) minus its score now, averaged over the earlier suites.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _home import scratch_home  # noqa: E402
 EXAMPLE = ROOT / "src" / "loraforge" / "examples" / "continuous"
 DAYS = ("day1", "day2", "day3")
 UPDATE = {"epochs": 25, "learning_rate": 5e-4}
@@ -32,11 +33,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "docs" / "continuous-forgetting.md"))
     args = parser.parse_args()
 
-    home = Path(tempfile.mkdtemp(prefix="loraforge-bench-"))
-    models = Path(os.environ.get("LORAFORGE_HOME", Path.home() / ".loraforge")) / "models"
-    models.mkdir(parents=True, exist_ok=True)
-    (home / "models").symlink_to(models, target_is_directory=True)
-    os.environ["LORAFORGE_HOME"] = str(home)
+    scratch_home("loraforge-bench-")
 
     from loraforge.config import load_config_file, parse_train_config
     from loraforge.continuous import UpdateOptions, run_update

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _home import scratch_home  # noqa: E402
 GRID = {"learning_rate": [3e-4, 3e-3], "r": [4, 16], "target_modules": [["q_proj", "v_proj"], "all-linear"]}
 EPOCHS = 8
 
@@ -29,11 +30,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "docs" / "domain-spread.md"))
     args = parser.parse_args()
 
-    home = Path(tempfile.mkdtemp(prefix="loraforge-spread-"))
-    models = Path(os.environ.get("LORAFORGE_HOME", Path.home() / ".loraforge")) / "models"
-    models.mkdir(parents=True, exist_ok=True)
-    (home / "models").symlink_to(models, target_is_directory=True)
-    os.environ["LORAFORGE_HOME"] = str(home)
+    scratch_home("loraforge-spread-")
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -19,12 +19,18 @@ def home() -> Path:
     return path
 
 
-def inside(root: Path, *parts: str) -> Path:
-    """Join `parts` under `root` and refuse any result that escapes it (`..`, absolute, links)."""
+def inside(root: Path, *parts: str, what: str | None = None, field: str = "path",
+           error: type[LoraforgeError] = LoraforgeError) -> Path:
+    """Join `parts` under `root` and refuse any result that escapes it (`..`, absolute, links).
+
+    `what` names the input in the error ("probes file 'x' must be inside suites/").
+    """
     root = root.resolve()
     candidate = root.joinpath(*parts).resolve()
     if candidate != root and root not in candidate.parents:
-        raise LoraforgeError("path escapes its root folder", field="path")
+        if what is None:
+            raise error("path escapes its root folder", field=field)
+        raise error(f"{what} {'/'.join(parts)!r} must be inside {root.name}/", field=field)
     return candidate
 
 

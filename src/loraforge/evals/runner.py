@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from math import comb
 from pathlib import Path
 
+from loraforge import paths
 from loraforge.errors import ConfigError
 from loraforge.evals.suite import KINDS, SCORE_NAMES, Case, Expect, Suite, normalise
 from loraforge.structured import read_structured
@@ -74,10 +75,8 @@ def load_probes(spec: str, base_dir: Path | None) -> list[dict]:
 
         return [{"id": p["id"], "prompt": p["prompt"], "answer": p["answer"], "tags": [p["topic"]]}
                 for p in corpus.probes()]
-    root = (base_dir or Path.cwd()).resolve()
-    path = (root / spec).resolve()
-    if not path.is_relative_to(root):
-        raise ConfigError(f"probes file {spec!r} must be inside {root.name}/", field="retention.probes")
+    path = paths.inside(base_dir or Path.cwd(), spec, what="probes file", field="retention.probes",
+                        error=ConfigError)
     raw = read_structured(path)
     if isinstance(raw, dict) and "probes" in raw:
         raw = raw["probes"]

@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from loraforge import paths
 from loraforge.errors import ConfigError
 from loraforge.structured import read_structured
 
@@ -192,8 +193,6 @@ def resolve_suite(value: Any, base_dir: Path, *, field: str = "eval_suite", cont
         return parse_suite({k: v for k, v in value.items() if k != "source_dir"}, source=field, source_dir=base_dir)
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{field} must be a suite file path or an inline suite", field=field)
-    root = base_dir.resolve()
-    path = (root / value).resolve()
-    if contain and not path.is_relative_to(root):
-        raise ConfigError(f"{field} {value!r} must be inside {root.name}/", field=field)
-    return load_suite(path)
+    if not contain:
+        return load_suite((base_dir / value).resolve())
+    return load_suite(paths.inside(base_dir, value, what=field, field=field, error=ConfigError))
