@@ -355,3 +355,29 @@ def test_continuous_updates_promote_reject_and_roll_back_in_a_running_server(ser
         assert r.json()["active"] == "foundation@v4" and "7 people" in chat(c, "foundation", questions["night-shift"])
         assert c.post("/api/adapters/nope/update", json={"training_data": DATA}).status_code == 404
         assert c.post("/api/adapters/foundation/update", json={"training_data": []}).status_code == 422
+
+
+def test_tuning_over_http_runs_as_a_job_and_reports_trials(server, store_home):
+    spec = {"name": "api", "domains": ["marketing"], "strategy": "random", "trials": 2, "train_size": 8,
+            "validation_size": 4, "test_size": 0, "epochs": 1, "max_new_tokens": 4, "space": {"r": [2, 4]}}
+    with server.client() as c:
+        for body, status, words in (
+                ({**spec, "domains": ["astrology"]}, 422, "unknown domain 'astrology'"),
+                ({**spec, "storage": "postgresql://x@10.0.0.1/db"}, 400, "storage"),
+                ({**spec, "domains": [], "dataset": "../../etc/passwd", "suite": "s.yaml"}, 400, "dataset"),
+                ({**spec, "domains": [], "dataset": "nope.jsonl", "suite": "s.yaml"}, 404, "nope.jsonl")):
+            r = c.post("/api/tuning/start", json=body)
+            assert r.status_code == status and words in r.json()["error"]["message"], r.text
+            assert str(store_home) not in r.text
+        r = c.post("/api/tuning/start", json=spec)
+        assert r.status_code == 202, r.text
+        job_id = r.json()["job_id"]
+        job = wait_for_job(c, job_id)
+        assert job["status"] == "succeeded", job
+        status = c.get(f"/api/tuning/{job_id}").json()
+        assert [t["trial"] for t in status["trials"]] == [0, 1]
+        assert {t["rank"] for t in status["trials"]} <= {2, 4} and all("latency" in t for t in status["trials"])
+        assert status["best"]["api-marketing"]["accuracy"] == max(t["accuracy"] for t in status["trials"])
+        assert status["result"].startswith("api-marketing: best")
+        assert c.get("/api/tuning/nope").status_code == 404
+    assert (store_home / "tuning" / "api" / "marketing" / "report.md").is_file()

@@ -596,6 +596,10 @@ def build_parser() -> argparse.ArgumentParser:
                                       "$LORAFORGE_HOME/data, update options")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_serve)
+
+    from loraforge import cli_tune
+
+    cli_tune.add_parser(sub)
     return parser
 
 

@@ -40,6 +40,11 @@ def run_job(job_id: str) -> int:
     on_progress = lambda p: queue.add_event(job_id, "progress", asdict(p))  # noqa: E731
     log = lambda m: queue.add_event(job_id, "log", {"message": m})  # noqa: E731
     try:
+        if job.kind == "tune":
+            outcome = _tune(store, queue, job, should_stop, log)
+            if not queue.finish(job_id, "succeeded", result=outcome):
+                queue.add_event(job_id, "log", {"message": "finished after the job was cancelled"})
+            return 0
         examples = load_examples_from_file(queue.data_file(job_id))
         if job.kind == "update":
             outcome = _update(store, queue, job, examples, on_progress, log, should_stop)
@@ -78,6 +83,22 @@ def _update(store, queue, job, examples, on_progress, log, should_stop):
                                          "reasons": result.reasons, "scores": result.scores,
                                          "parent_scores": result.parent_scores})
     return f"{result.version.ref} {'promoted' if result.promoted else 'rejected'}"
+
+
+def _tune(store, queue, job, should_stop, log) -> str:
+    """A tuning study as a job: every finished trial becomes a `trial` event (its results.jsonl row)."""
+    from loraforge.tune.runner import run_tuning
+    from loraforge.tune.spec import TuneSpec
+
+    spec = TuneSpec.model_validate(job.spec)
+    summaries = run_tuning(spec, base_dir=store.root, on_trial=lambda row: queue.add_event(job.id, "trial", row),
+                           log=log, should_stop=should_stop)
+    parts = []
+    for s in summaries:
+        best = s["best"][0] if s.get("best") else None
+        parts.append(f"{s['study']}: " + (f"best {best['accuracy']:.1%} (trial {best['trial']})" if best
+                                           else "no trial finished"))
+    return "; ".join(parts)
 
 
 if __name__ == "__main__":

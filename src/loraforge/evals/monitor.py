@@ -18,7 +18,15 @@ def _rank(scores: dict) -> tuple:
     return tuple(-1.0 if scores.get(k) is None else scores[k] for k in ("efficacy", "retention", "generalization"))
 
 
+def _fmt_scores(scores: dict) -> str:
+    return ", ".join(f"{k} {v:.0%}" for k, v in scores.items() if v is not None) or "no cases"
+
+
 class KnowledgeMonitor:
+    """A `train.recipe.TrainingMonitor` for a knowledge suite."""
+
+    manifest_key = "knowledge"
+
     def __init__(self, suite: Suite, *, target: float = 1.0, max_tokens: int = 96):
         self.suite = suite
         self.target = target
@@ -33,8 +41,11 @@ class KnowledgeMonitor:
             return batch_generate(model, tokenizer, chats, n=n, max_tokens=self.max_tokens, device=device)
         return generate
 
-    def start(self, model, tokenizer, device: str) -> dict:
-        """Score the base (adapter disabled); returns its scores."""
+    def eval_interval(self, steps_per_epoch: int, total_steps: int, configured: int) -> int:
+        return configured or max(1, total_steps // 10)
+
+    def start(self, model, tokenizer, device: str) -> str:
+        """Score the base (adapter disabled)."""
         with model.disable_adapter():
             generate = self._generate(model, tokenizer, device)
             if self.suite.retention is not None:
@@ -43,10 +54,11 @@ class KnowledgeMonitor:
                 snap = take_snapshot(generate, probes, model="base", fingerprint=None)
                 self.cases += snapshot_cases(snap, self.suite.retention.tags, self.suite.retention.exclude_tags)
             self.base_run = run_cases(generate, self.suite, self.cases, model="base")
-        return self.base_run.scores
+        return (f"knowledge suite {self.suite.name}: base {_fmt_scores(self.base_run.scores)}; stopping at "
+                f"efficacy >= {self.target:.0%}")
 
-    def check(self, model, tokenizer, device: str, step: int) -> tuple[dict, bool, bool]:
-        """(scores, improved, reached target) at `step`."""
+    def check(self, model, tokenizer, device: str, step: int, epoch: float) -> tuple[str, bool, bool]:
+        """(scores as a line, improved, reached target) at `step`."""
         run = run_cases(self._generate(model, tokenizer, device), self.suite, self.cases, model="adapter")
         score_run(run, self.base_run)
         entry = {"step": step, **run.scores}
@@ -55,7 +67,12 @@ class KnowledgeMonitor:
         if improved:
             self.best = entry
         efficacy = run.scores.get("efficacy")
-        return run.scores, improved, efficacy is not None and efficacy >= self.target
+        reached = efficacy is not None and efficacy >= self.target
+        line = _fmt_scores(run.scores) + (f"; efficacy reached {self.target:.0%}, stopping" if reached else "")
+        return line, improved, reached
+
+    def best_step(self) -> int | None:
+        return self.best["step"] if self.best else None
 
     def summary(self, stopped_at: int | None) -> dict:
         return {"suite": self.suite.name, "target_efficacy": self.target,

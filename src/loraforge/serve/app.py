@@ -164,13 +164,15 @@ def create_app(store: Store | None = None, *, device: str = "auto", max_jobs: in
     def health():
         return {"status": "ok", "version": __version__, "device": engine.placement.device}
 
-    from loraforge.serve import continuous_routes, eval_routes, openai_routes, registry_routes, training_routes
+    from loraforge.serve import (continuous_routes, eval_routes, openai_routes, registry_routes, training_routes,
+                                 tuning_routes)
 
     app.include_router(training_routes.router)
     app.include_router(continuous_routes.router)  # before registry's {name:path} routes
     app.include_router(registry_routes.router)
     app.include_router(openai_routes.router)
     app.include_router(eval_routes.router)
+    app.include_router(tuning_routes.router)
 
     limit = max_body or int(os.environ.get("LORAFORGE_MAX_BODY_BYTES", DEFAULT_MAX_BODY))
     app.add_middleware(BodyLimit, max_bytes=limit)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -66,8 +67,25 @@ class Stopped(Exception):
     """Raised when `should_stop` asks the loop to end (a cancelled job). Nothing is saved."""
 
 
-def _fmt_scores(scores: dict) -> str:
-    return ", ".join(f"{k} {v:.0%}" for k, v in scores.items() if v is not None) or "no cases"
+class TrainingMonitor(Protocol):
+    """Evaluates the model during training, keeps the best weights and may stop the run.
+
+    `evals.monitor.KnowledgeMonitor` scores a knowledge suite; `tune.objective.EpochScorer` scores a
+    tuning trial once per epoch and prunes it. An exception raised by `check` ends the run unsaved.
+    """
+
+    manifest_key: str
+
+    def eval_interval(self, steps_per_epoch: int, total_steps: int, configured: int) -> int: ...
+
+    def start(self, model, tokenizer, device: str) -> str: ...
+
+    def check(self, model, tokenizer, device: str, step: int, epoch: float) -> tuple[str, bool, bool]:
+        """(a log line, improved on the best so far, stop now)."""
+
+    def best_step(self) -> int | None: ...
+
+    def summary(self, stopped_at: int | None) -> dict: ...
 
 
 def _file_hash(path: Path) -> str:
@@ -80,12 +98,12 @@ def _config_hash(resolved: dict) -> str:
 
 def train(plan: TrainPlan, examples: list[Example], *, run_dir: Path, out_dir: Path, resume: bool = False,
           on_progress: Callable[[Progress], None] | None = None, log: Callable[[str], None] = print,
-          should_stop: Callable[[], bool] = lambda: False, monitor=None,
+          should_stop: Callable[[], bool] = lambda: False, monitor: TrainingMonitor | None = None,
           init_adapter: Path | None = None) -> TrainResult:
     """Train a LoRA adapter as `plan` says and write the PEFT folder to `out_dir` (which must not exist).
 
-    `monitor` (an `evals.monitor.KnowledgeMonitor`) scores a knowledge suite every `eval_steps`, keeps
-    the best weights and stops when efficacy reaches its target. `init_adapter` (a verified PEFT folder
+    `monitor` (a `TrainingMonitor`) evaluates every few steps; the best evaluated weights are the ones
+    saved, and it may end the run early. `init_adapter` (a verified PEFT folder
     with the same rank and targets) gives the starting weights: continuous updates start from the
     active version instead of from zero.
     """
@@ -168,15 +186,14 @@ def train(plan: TrainPlan, examples: list[Example], *, run_dir: Path, out_dir: P
     metrics_path = run_dir / "metrics.jsonl"
     if not resume:
         metrics_path.unlink(missing_ok=True)
-    eval_every = t.eval_steps or max(1, total_steps // 10)
     best_state: dict | None = None
     stopped_at: int | None = None
+    eval_every = 0
     if monitor is not None:
+        eval_every = monitor.eval_interval(per_epoch, total_steps, t.eval_steps)
         model.eval()
-        base_scores = monitor.start(model, tokenizer, placement.device)
+        log(monitor.start(model, tokenizer, placement.device) + f"; evaluating every {eval_every} steps")
         model.train()
-        log(f"knowledge suite {monitor.suite.name}: base {_fmt_scores(base_scores)}; evaluating every "
-            f"{eval_every} steps, stopping at efficacy >= {monitor.target:.0%}")
 
     # ---- fit -----------------------------------------------------------------------------------------
     started = time.perf_counter()
@@ -242,14 +259,14 @@ def train(plan: TrainPlan, examples: list[Example], *, run_dir: Path, out_dir: P
                 log(f"checkpoint saved at step {step}")
             if monitor is not None and (step % eval_every == 0 or step == total_steps):
                 model.eval()
-                scores, improved, reached = monitor.check(model, tokenizer, placement.device, step)
+                line, improved, stop = monitor.check(model, tokenizer, placement.device, step,
+                                                     epoch + (w_index + 1) / len(windows))
                 model.train()
-                log(f"step {step}: {_fmt_scores(scores)}" + (" (best so far)" if improved else ""))
+                log(f"step {step}: {line}" + (" (best so far)" if improved else ""))
                 if improved:
                     best_state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
-                if reached:
+                if stop:
                     stopped_at = step
-                    log(f"efficacy reached {monitor.target:.0%} at step {step}: stopping")
         epoch += 1
     elapsed = time.perf_counter() - started
 
@@ -257,9 +274,9 @@ def train(plan: TrainPlan, examples: list[Example], *, run_dir: Path, out_dir: P
     from safetensors.torch import save_file
 
     model.eval()
-    if monitor is not None and best_state is not None and monitor.best["step"] != step:
+    if monitor is not None and best_state is not None and monitor.best_step() != step:
         set_peft_model_state_dict(model, best_state)
-        log(f"keeping the best evaluated weights, from step {monitor.best['step']}")
+        log(f"keeping the best evaluated weights, from step {monitor.best_step()}")
     tmp = out_dir.parent / f".tmp-{out_dir.name}-{int(time.time() * 1000)}"
     tmp.mkdir(parents=True)
     state = get_peft_model_state_dict(model)
@@ -286,7 +303,7 @@ def train(plan: TrainPlan, examples: list[Example], *, run_dir: Path, out_dir: P
         "size": sizes,
     }
     if monitor is not None:
-        manifest["knowledge"] = monitor.summary(stopped_at)
+        manifest[monitor.manifest_key] = monitor.summary(stopped_at)
     paths.atomic_write_json(tmp / "loraforge.json", manifest)
     with open(tmp / "metrics.jsonl", "w", encoding="utf-8") as handle:
         handle.writelines(json.dumps(h) + "\n" for h in all_history)
