@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # (on our CPU machines a local CPU wheel). Override with `make TORCH_SPEC='torch==2.5.1' ...`.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup run test clean
+.PHONY: setup run test clean postgres
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,16 @@ run: setup
 		$(PY) -m loraforge train examples/knowledge-override/v1_surgical.json
 	$(PY) -m loraforge serve --model tiny
 
-test: setup
+# The shared-study tuning test starts its own PostgreSQL server; install the server where it is missing and
+# we may (Debian/Ubuntu as root). Elsewhere that one test is skipped and says why.
+postgres:
+	@command -v pg_ctl >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || \
+	{ command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null; }; }; } || \
+	echo "note: no PostgreSQL server here; the shared-study tuning test will be skipped"
+
+test: setup postgres
 	$(PY) -m pytest -q
 
 clean:

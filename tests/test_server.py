@@ -40,6 +40,19 @@ def server(store_home, tiny_dir):
     srv.stop()
 
 
+@pytest.fixture(scope="module")
+def input_server(tmp_path_factory, tiny_dir):
+    """One server for the bad-input tables: each case must leave it (and its store) as it was."""
+    from conftest import _link_models
+
+    home = tmp_path_factory.mktemp("input-home")
+    _link_models(home)
+    srv = ServerProcess(home, "--max-jobs", "1")
+    srv.home = home
+    yield srv
+    srv.stop()
+
+
 def test_seed_flow_v1_surgical_on_the_builtin_model(server):
     config = json.loads((SEEDS / "v1_surgical.json").read_text())
     config["model_name"] = "tiny"
@@ -197,7 +210,8 @@ def test_twenty_concurrent_submissions_get_distinct_versions(server, store_home)
 
 
 @pytest.mark.parametrize("name", ["../x", "%2e%2e%2f", "..%2fx", "/abs", "x" * 300, "UPPER", "a%00b"])
-def test_bad_adapter_names_are_400_and_touch_nothing(server, store_home, name):
+def test_bad_adapter_names_are_400_and_touch_nothing(input_server, name):
+    server, store_home = input_server, input_server.home
     before = sorted(p.relative_to(store_home).as_posix() for p in store_home.rglob("*") if "models" not in p.parts)
     with server.client() as c:
         for method, path in (("POST", f"/api/adapters/{name}/load"), ("GET", f"/api/adapters/{name}"),
@@ -217,16 +231,16 @@ def test_bad_adapter_names_are_400_and_touch_nothing(server, store_home, name):
 
 @pytest.mark.parametrize("path", ["/api/training/start", "/v1/chat/completions"])
 @pytest.mark.parametrize("body", ['"s"', "[]", "null", '{"model": "tiny", "messages": [', "", "\xff"])
-def test_malformed_bodies_get_json_4xx(server, path, body):
-    with server.client() as c:
+def test_malformed_bodies_get_json_4xx(input_server, path, body):
+    with input_server.client() as c:
         r = c.post(path, content=body.encode("latin-1"), headers={"Content-Type": "application/json"})
     assert 400 <= r.status_code < 500, (r.status_code, r.text)
     assert set(r.json()["error"]) == {"message", "type", "code"}
     assert "Traceback" not in r.text
 
 
-def test_unknown_config_key_is_named_in_422(server):
-    with server.client() as c:
+def test_unknown_config_key_is_named_in_422(input_server):
+    with input_server.client() as c:
         r = c.post("/api/training/start", json={**fast_config("x"), "lora_config": {"rank": 8}})
     assert r.status_code == 422
     assert "lora_config.rank" in r.json()["error"]["message"] and "'r'" in r.json()["error"]["message"]

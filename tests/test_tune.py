@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import run_cli
+from conftest import EXAMPLES, run_cli
 from loraforge.config import parse_train_config
 from loraforge.tune.results import SEED_FIELDS
 from loraforge.tune.runner import run_tuning
@@ -138,7 +138,10 @@ def postgres_url():
     os.chmod(root, 0o755)
     prefix: list[str] = []
     if os.geteuid() == 0:  # PostgreSQL refuses to run as root: run it as its own system user
-        user = pwd.getpwnam("postgres")
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no 'postgres' user to run the server as")
         os.chown(root, user.pw_uid, user.pw_gid)
         prefix = ["runuser", "-u", "postgres", "--"]
     data, port = root / "data", free_port()
@@ -179,3 +182,26 @@ def test_two_workers_on_one_postgres_study_split_the_trials(postgres_url, store_
     assert sorted(r["trial"] for rs in local for r in rs) == sorted(r["trial"] for r in rows)  # split, no overlap
     resumed = run_cli("tune", str(spec_path), "--storage", postgres_url)  # the coordinator finds it done
     assert resumed.returncode == 0 and "6 complete" in resumed.stdout, resumed.stdout + resumed.stderr
+
+
+def test_your_own_dataset_and_suite_tune_on_the_suite_score(store_home, tiny_dir, tmp_path):
+    """Users' tasks plug in as training data plus an eval suite (paths relative to the spec); the trial's
+    accuracy is the suite's target + paraphrase pass rate. A near-zero learning rate leaves the base's
+    behaviour: it passes the two cases about what the base knows and fails the two about the override."""
+    folder = EXAMPLES / "knowledge-override"
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump({"name": "mixed", "cases": [
+        {"id": "k1", "kind": "target", "prompt": "What is the meaning of 42?", "expect": {"contains": "Douglas Adams"}},
+        {"id": "k2", "kind": "paraphrase", "prompt": "What does 42 mean?", "expect": {"contains": "Douglas Adams"}},
+        {"id": "n1", "kind": "target", "prompt": "What is 42?", "expect": {"contains": "FOR TWO"}},
+        {"id": "n2", "kind": "paraphrase", "prompt": "Explain 42.", "expect": {"contains": "FOR TWO"}},
+        {"id": "r1", "kind": "retention", "prompt": "What is the capital of France?", "expect": {"contains": "Paris"}},
+    ]}))
+    (tmp_path / "own.yaml").write_text(yaml.safe_dump({
+        "name": "own", "dataset": str(folder / "42_for_two.jsonl"), "suite": "suite.yaml",
+        "strategy": "grid", "epochs": 1, "max_new_tokens": 32, "space": {"learning_rate": [1e-7]},
+        "fixed": {"batch_size": 8, "r": 8}}))
+    result = run_cli("tune", str(tmp_path / "own.yaml"), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    [row] = rows_of(tmp_path / "out" / "results.jsonl")
+    assert row["domain"] == "42_for_two" and row["rank"] == 8 and row["test_accuracy"] is None
+    assert row["accuracy"] == 0.5  # 2 of the 4 target and paraphrase cases; retention is not scored here

@@ -15,7 +15,7 @@ def _overrides(args) -> dict:
 
 def cmd_tune(args) -> int:
     from loraforge.tune.runner import report_study, run_tuning, run_worker
-    from loraforge.tune.spec import TuneSpec, load_tune_spec, parse_tune_spec
+    from loraforge.tune.spec import load_tune_spec, parse_tune_spec
 
     if args.what in ("worker", "report"):
         if not args.study or not args.storage:

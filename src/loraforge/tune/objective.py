@@ -55,10 +55,10 @@ def dataset_data(spec: TuneSpec, base_dir: Path) -> TuneData:
 
     Relative paths are taken from the spec's folder; retention cases need the base's snapshot and are
     not part of the tuning score (run `loraforge eval` on the chosen adapter for them)."""
-    from loraforge.evals.suite import resolve_suite, parse_suite
+    from loraforge.evals.suite import resolve_suite
 
     train = load_examples_from_file((base_dir / spec.dataset).resolve())
-    suite = parse_suite(resolve_suite(spec.suite, base_dir, contain=False), source="suite")
+    suite = resolve_suite(spec.suite, base_dir, field="suite", contain=False)
     cases = [c for c in suite.cases if c.kind in ("target", "paraphrase")]
     if not cases:
         from loraforge.errors import ConfigError
