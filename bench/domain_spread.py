@@ -73,7 +73,7 @@ def main() -> int:
              f"`{' '.join(['.venv/bin/python', 'bench/domain_spread.py'] + sys.argv[1:])}` in {seconds:.0f} s "
              "on 2 CPU cores.", "",
              "| domain | base | best | median | worst | best − worst |", "|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {d} | {b:.0%} | {hi:.0%} | {mid:.0%} | {lo:.0%} | {hi - lo:+.0%} |" for d, b, hi, mid, lo, _ in rows]
+    lines += [f"| {d} | {b:.0%} | {hi:.0%} | {mid:.0%} | {lo:.0%} | {(hi - lo) * 100:.0f} pts |" for d, b, hi, mid, lo, _ in rows]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

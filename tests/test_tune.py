@@ -6,7 +6,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import pwd
 import shutil
 import signal
 import subprocess
@@ -137,7 +136,9 @@ def postgres_url():
     root = Path(tempfile.mkdtemp(prefix="loraforge-pg-"))
     os.chmod(root, 0o755)
     prefix: list[str] = []
-    if os.geteuid() == 0:  # PostgreSQL refuses to run as root: run it as its own system user
+    if hasattr(os, "geteuid") and os.geteuid() == 0:  # PostgreSQL refuses to run as root: use its system user
+        import pwd
+
         try:
             user = pwd.getpwnam("postgres")
         except KeyError:

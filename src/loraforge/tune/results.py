@@ -66,8 +66,8 @@ def study_rows(study) -> list[dict]:
         if row is None:  # failed or killed before it finished: what is known
             row = {"study": study.study_name, "domain": study.user_attrs.get("data"), "trial": t.number,
                    "params": t.params, "worker": t.user_attrs.get("worker")}
-        rows.append({**row, "state": "skipped" if t.user_attrs.get("skipped") else
-                     {"COMPLETE": row.get("state", "complete"), "PRUNED": "pruned"}.get(t.state.name, t.state.name.lower())})
+        state = {"COMPLETE": "complete", "PRUNED": "pruned"}.get(t.state.name, t.state.name.lower())
+        rows.append({**row, "state": state})
     return rows
 
 
