@@ -44,3 +44,18 @@ def test_accuracy():
     assert accuracy(tasks, ["1", "3"]) == 0.5
     with pytest.raises(ValueError):
         accuracy(tasks, ["1"])
+
+
+@pytest.mark.parametrize("domain", sorted(DOMAINS))
+def test_every_domain_has_room_for_the_seed_sweep_sizes(domain):
+    """The seed's sweep space asks for 100 training tasks per domain (plus our 32 + 32 held out)."""
+    parts = splits(domain, seed=0, train=100, validation=32, test=32)
+    assert [len(parts[k]) for k in ("train", "validation", "test")] == [100, 32, 32]
+
+
+def test_asking_for_more_tasks_than_a_domain_has_names_the_field():
+    from loraforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="hr has fewer than 5000 distinct tasks") as caught:
+        splits("hr", seed=0, train=4936)
+    assert caught.value.field == "train_size"

@@ -13,6 +13,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from loraforge.errors import ConfigError
 from loraforge.evals.suite import normalise
 
 NAMES = ["Ana", "Ben", "Carla", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun", "Kim", "Lea"]
@@ -77,9 +78,9 @@ _TICKETS = {"billing": ["invoice", "charge", "refund", "payment"], "technical": 
 def _support(r: random.Random) -> Task:
     label = r.choice(sorted(_TICKETS))
     word = r.choice(_TICKETS[label])
-    who = r.choice(NAMES)
-    return Task(f"Ticket from {who}: I have a problem with my {word}. Classify the ticket as billing, technical "
-                f"or account.", label)
+    who, channel = r.choice(NAMES), r.choice(["email", "chat", "phone", "the app"])
+    return Task(f"Ticket from {who} via {channel}: I have a problem with my {word}. Classify the ticket as billing, "
+                f"technical or account.", label)
 
 
 _TONE = {"positive": ["great", "lovely", "excellent", "perfect", "fantastic", "good"],
@@ -146,7 +147,8 @@ def splits(domain: str, seed: int = 0, *, train: int = 64, validation: int = 32,
     while len(tasks) < wanted:
         attempts += 1
         if attempts > wanted * 200:
-            raise ValueError(f"domain {domain} has fewer than {wanted} distinct prompts")
+            raise ConfigError(f"domain {domain} has fewer than {wanted} distinct tasks: lower train_size, "
+                              f"validation_size or test_size (they add up to {wanted})", field="train_size")
         task = DOMAINS[domain](rng)
         if task.prompt not in seen:
             seen.add(task.prompt)
