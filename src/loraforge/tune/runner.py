@@ -16,7 +16,7 @@ from pathlib import Path
 from loraforge import paths
 from loraforge.tune.objective import TuneData, dataset_data, domain_data
 from loraforge.tune.spec import TuneSpec
-from loraforge.tune.study import QUEUED, StudyRef, open_study, study_name, trials_by_state, work
+from loraforge.tune.study import QUEUED, StudyRef, open_study, study_name, trials_by_state, waiting, work
 
 
 def tuning_root() -> Path:
@@ -116,20 +116,14 @@ def run_tuning(spec: TuneSpec, *, base_dir: Path | None = None, out: Path | None
             if should_stop():
                 break
             _settle(study, spec, deadline)
-            if spec.strategy == "predict" and enqueue_verification(study, spec) and _waiting(study):
+            if spec.strategy == "predict" and enqueue_verification(study, spec) and waiting(study):
                 continue
-            if spec.strategy in QUEUED and _waiting(study) and (deadline is None or time.time() < deadline):
+            if spec.strategy in QUEUED and waiting(study) and (deadline is None or time.time() < deadline):
                 continue
             break
         summary = write_report(study, spec, ref.out_dir, train_file=train_file)
         summaries.append(summary)
     return summaries
-
-
-def _waiting(study) -> int:
-    from optuna.trial import TrialState
-
-    return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
 
 
 def _write_train_file(ref: StudyRef, data: TuneData, spec: TuneSpec, base_dir: Path | None) -> str:

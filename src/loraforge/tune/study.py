@@ -18,9 +18,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import warnings
 import socket
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -68,16 +70,12 @@ def make_storage(url: str, heartbeat_seconds: float):
                           field="storage") from None
 
 
-class _quiet_experimental:
-    def __enter__(self):
-        import warnings
-
-        self._catch = warnings.catch_warnings()
-        self._catch.__enter__()
+@contextmanager
+def _quiet_experimental():
+    """Optuna marks heartbeats and GPSampler experimental; the warning says nothing to our users."""
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-
-    def __exit__(self, *exc):
-        return self._catch.__exit__(*exc)
+        yield
 
 
 def _startup_trials(spec: TuneSpec) -> int:
@@ -196,7 +194,7 @@ def _counted(study, before: int | None = None) -> int:
                if t.state in live and not t.user_attrs.get("skipped") and (before is None or t.number < before))
 
 
-def _waiting(study) -> int:
+def waiting(study) -> int:
     from optuna.trial import TrialState
 
     return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
@@ -261,7 +259,7 @@ def work(spec: TuneSpec, ref: StudyRef, data, *, deadline: float | None = None,
         if deadline is not None and time.time() >= deadline:
             log("time budget reached")
             break
-        if spec.strategy in QUEUED and _waiting(study) == 0:
+        if spec.strategy in QUEUED and waiting(study) == 0:
             break
         if _counted(study) >= budget:
             break
