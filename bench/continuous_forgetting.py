@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _home import scratch_home  # noqa: E402
+from _home import command, scratch_home, write_doc  # noqa: E402
 EXAMPLE = ROOT / "src" / "loraforge" / "examples" / "continuous"
 DAYS = ("day1", "day2", "day3")
 UPDATE = {"epochs": 25, "learning_rate": 5e-4}
@@ -86,7 +86,7 @@ def main() -> int:
     seconds = time.perf_counter() - started
 
     lines = [f"Forgetting per update on `examples/continuous` (built-in model), measured by "
-             f"`{' '.join(['.venv/bin/python', 'bench/continuous_forgetting.py'] + sys.argv[1:])}` "
+             f"`{command('continuous_forgetting.py')}` "
              f"in {seconds:.0f} s. Updates: lr {UPDATE['learning_rate']:g}, from the active version's weights, the same "
              "number of optimizer steps for every ratio; every candidate promoted so the chain continues.",
              "",
@@ -97,9 +97,7 @@ def main() -> int:
         lines.append(f"| {r['ratio']:g} | {r['day']} | {r['replayed']} | {r['steps']} | {r['new']['efficacy']:.0%} / "
                      f"{r['new']['generalization']:.0%} | {r['efficacy_drop'] * 100:.1f} pts | "
                      f"{r['generalization_drop'] * 100:.1f} pts | {r['retention']:.1%} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_doc(args.out, lines)
     return 0
 
 

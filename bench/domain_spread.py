@@ -11,6 +11,7 @@ explores; this measures whether there is anything to tune: learning rate x rank 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _home import scratch_home  # noqa: E402
+from _home import command, scratch_home, write_doc  # noqa: E402
 
 SPACE = {"learning_rate": [3e-4, 3e-3], "r": [4, 16], "target_modules": [["q_proj", "v_proj"], "all-linear"]}
 EPOCHS = 8
@@ -56,8 +57,6 @@ def main() -> int:
     seconds = time.perf_counter() - started
     rows = []
     for summary in summaries:
-        import json
-
         results = [json.loads(line) for line in
                    (home / "tuning" / "spread" / summary["domain"] / "results.jsonl").read_text().splitlines()]
         tests = [r["test_accuracy"] for r in results if r["state"] == "complete"]
@@ -70,13 +69,11 @@ def main() -> int:
              f"the grid learning_rate {SPACE['learning_rate']} x r {SPACE['r']} x target_modules "
              f"[q_proj+v_proj, all-linear] ({configs} configs per domain, `loraforge tune` with strategy grid). "
              f"Measured by "
-             f"`{' '.join(['.venv/bin/python', 'bench/domain_spread.py'] + sys.argv[1:])}` in {seconds:.0f} s "
+             f"`{command('domain_spread.py')}` in {seconds:.0f} s "
              "on 2 CPU cores.", "",
              "| domain | base | best | median | worst | best − worst |", "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {d} | {b:.0%} | {hi:.0%} | {mid:.0%} | {lo:.0%} | {(hi - lo) * 100:.0f} pts |" for d, b, hi, mid, lo, _ in rows]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_doc(args.out, lines)
     return 0
 
 

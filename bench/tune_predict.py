@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _home import scratch_home  # noqa: E402
+from _home import command, scratch_home, write_doc  # noqa: E402
 
 SPACE = {"r": [4, 16], "learning_rate": [1e-4, 3e-4, 1e-3, 3e-3], "weight_decay": [1e-5, 1e-2],
          "target_modules": [["q_proj", "v_proj"], "all-linear"]}
@@ -62,7 +62,7 @@ def main() -> int:
              f"x target_modules [q_proj+v_proj, all-linear]; {EPOCHS} epochs per trial, 64 training / 32 validation "
              f"/ 32 test tasks, built-in model, CPU. Each strategy picks its best by validation accuracy; *rank* is "
              f"where that configuration stands among all grid configurations by validation accuracy (1 = the best; "
-             f"ties share a rank). Measured by `{' '.join(['.venv/bin/python', 'bench/tune_predict.py'] + sys.argv[1:])}`"
+             f"ties share a rank). Measured by `{command('tune_predict.py')}`"
              f" in {seconds:.0f} s on 2 CPU cores.", "",
              "| domain | strategy | configs trained | device s | device time vs grid | best validation | its test | "
              "rank in grid |", "|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -83,8 +83,7 @@ def main() -> int:
             pairs = ", ".join(f"{v['predicted']:.0%} → {v['measured']:.0%}" for v in prediction["verified"])
             lines.append(f"| {domain} | predict: surrogate | leave-one-out error {prediction['loo_mae']:.2f} | | | "
                          f"predicted → measured: {pairs} | | |")
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_doc(args.out, lines)
     return 0
 
 

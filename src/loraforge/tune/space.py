@@ -61,9 +61,3 @@ def training_settings(spec: TuneSpec, params: dict[str, Any]) -> dict[str, Any]:
     settings.setdefault("lora_alpha", 2.0 * rank)
     return settings
 
-
-def seed_fields(spec: TuneSpec, params: dict[str, Any]) -> dict[str, Any]:
-    """The seed's per-trial fields that describe the config: rank, alpha, weight_decay, learning_rate."""
-    settings = training_settings(spec, params)
-    return {"rank": settings.get("r", 8), "alpha": settings["lora_alpha"],
-            "weight_decay": settings.get("weight_decay", 0.0), "learning_rate": settings.get("learning_rate", 2e-4)}

@@ -18,6 +18,7 @@ Accepted: our YAML/JSON form and the seed's sweep space (`../seeds/configs/sweep
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -187,8 +188,6 @@ class TuneSpec(BaseModel):
             raise ValueError("objectives must include accuracy once, plus optionally size or time")
         if len(self.objectives) > 1 and self.strategy in ("tpe+hyperband", "predict"):
             raise ValueError(f"strategy {self.strategy} optimises one objective (accuracy)")
-        if self.strategy == "predict" and self.space.dimensions() and self.predict.verify > self.predict.samples * 10:
-            raise ValueError("predict.verify is far larger than predict.samples")
         for key in self.fixed:
             if key in self.space.dimensions() or (key == "lora_alpha" and self.space.alpha_ratio is not None):
                 raise ValueError(f"fixed.{key} is also searched in space; keep one")
@@ -202,12 +201,11 @@ class TuneSpec(BaseModel):
 
 
 _SEED_SPACE_KEYS = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "lr": "learning_rate"}
-_SEED_FIXED_KEYS = {"epochs": None, "samples_per_domain": None}
 
 
 def _seed_dialect(raw: dict[str, Any]) -> dict[str, Any]:
     """The seed's sweep space → our form. Keys we don't search or fix (comments, `base_model_in_seed`,
-    `result_record_example`, `seed_claim`) are its documentation and are dropped with a note."""
+    `result_record_example`, `seed_claim`) are its documentation and are dropped."""
     out = {k: v for k, v in raw.items() if k not in ("base_model_in_seed", "result_record_example", "seed_claim")}
     space = dict(out.get("space") or {})
     for seed_key, ours in _SEED_SPACE_KEYS.items():
@@ -218,19 +216,11 @@ def _seed_dialect(raw: dict[str, Any]) -> dict[str, Any]:
             space[ours] = space.pop(seed_key)
     alpha = space.get("lora_alpha")
     if isinstance(alpha, str):
-        text = alpha.replace(" ", "").lower()
-        for prefix in ("rank*", "r*"):
-            if text.startswith(prefix):
-                try:
-                    space["alpha_ratio"] = [float(text[len(prefix):])]
-                except ValueError:
-                    break
-                del space["lora_alpha"]
-                break
-        else:
+        ratio = re.fullmatch(r"(?:rank|r)\s*\*\s*([0-9]*\.?[0-9]+)", alpha.strip().lower())
+        if ratio is None:
             raise ConfigError(f"space.alpha {alpha!r}: write a list of values or 'rank * K'", field="space.alpha")
-        if "lora_alpha" in space:
-            raise ConfigError(f"space.alpha {alpha!r}: write a list of values or 'rank * K'", field="space.alpha")
+        space["alpha_ratio"] = [float(ratio.group(1))]
+        del space["lora_alpha"]
     out["space"] = space
     fixed = dict(out.get("fixed") or {})
     if "epochs" in fixed:

@@ -15,7 +15,6 @@ How trials are handed out, whoever runs them:
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import warnings
@@ -117,7 +116,7 @@ def budget_of(spec: TuneSpec) -> int:
 
 def _comparable(spec: TuneSpec) -> dict:
     """The parts of a spec that must match to resume a study (budget and workers may change)."""
-    return spec.model_dump(exclude={"trials", "minutes", "workers", "heartbeat_seconds"})
+    return spec.model_dump(mode="json", exclude={"trials", "minutes", "workers", "heartbeat_seconds"})
 
 
 def open_study(spec: TuneSpec, ref: StudyRef, *, create: bool, base_dir: Path | None = None):
@@ -138,7 +137,7 @@ def open_study(spec: TuneSpec, ref: StudyRef, *, create: bool, base_dir: Path | 
         existed = bool(study.user_attrs.get("spec"))
     if existed:
         stored = study.user_attrs.get("spec")
-        if create and stored is not None and json.loads(json.dumps(_comparable(spec))) != _comparable_dict(stored):
+        if create and stored is not None and _comparable(spec) != _comparable(TuneSpec(**stored)):
             raise ConfigError(f"study {ref.name!r} exists with a different spec; choose another name (--name) "
                               "or remove its folder to start over", field="name")
         return study
@@ -151,12 +150,6 @@ def open_study(spec: TuneSpec, ref: StudyRef, *, create: bool, base_dir: Path | 
     elif spec.strategy == "predict":
         enqueue_samples(study, spec)
     return study
-
-
-def _comparable_dict(stored: dict) -> dict:
-    from loraforge.tune.spec import TuneSpec as Spec
-
-    return json.loads(json.dumps(_comparable(Spec(**stored))))
 
 
 def _now() -> str:
