@@ -116,6 +116,36 @@ def test_a_study_killed_with_sigkill_resumes(store_home, tiny_dir, tmp_path):
     assert len(killed) == 1 and killed[0]["params"] in [r["params"] for r in complete]  # failed by heartbeat, retried
 
 
+def _create_then_two_workers(spec_path: Path, study: str, storage: str, folder: Path) -> tuple[list[dict], list[str]]:
+    """`tune SPEC --create-only`, two `tune worker` processes to the end, then `tune report`: its rows and
+    the workers' outputs."""
+    created = run_cli("tune", str(spec_path), "--storage", storage, "--create-only")
+    assert created.returncode == 0, created.stderr[-2000:]
+    workers = [subprocess.Popen([sys.executable, "-m", "loraforge", "tune", "worker", study, "--storage", storage,
+                                 "--out", str(folder / f"w{i}")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+               for i in range(2)]
+    outputs = [w.communicate(timeout=600)[0].decode() for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    report = run_cli("tune", "report", study, "--storage", storage, "--out", str(folder / "r"))
+    assert report.returncode == 0, report.stderr[-2000:]
+    return rows_of(folder / "r" / "results.jsonl"), outputs
+
+
+def test_standalone_workers_finish_a_predict_study_verification_included(store_home, tiny_dir, tmp_path):
+    """No coordinator: `--create-only`, then two `tune worker` processes. Whichever holds the fit entry
+    waits for the other's samples, fits once and queues the verification, which the workers then run."""
+    spec_path = _write_spec(tmp_path, name="spread", strategy="predict", train_size=16, epochs=2,
+                            space={"r": [2, 4, 8], "learning_rate": [1e-3, 3e-3]},
+                            predict={"samples": 3, "verify": 2})
+    rows, outputs = _create_then_two_workers(spec_path, "spread-marketing", f"sqlite:///{tmp_path / 'shared.db'}",
+                                             tmp_path)
+    assert sorted(r["phase"] for r in rows) == ["sample"] * 3 + ["verify"] * 2, rows
+    assert len({json.dumps(r["params"], sort_keys=True) for r in rows}) == 5  # no configuration twice
+    assert sum("queued the top 2 of 6" in out for out in outputs) == 1, outputs  # fitted exactly once
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["prediction"]["samples"] == 3 and summary["trials"] == {"complete": 5}, summary
+
+
 # ---- PostgreSQL ----------------------------------------------------------------------------------------------
 def _pg_bin() -> Path | None:
     found = shutil.which("pg_ctl")
@@ -162,17 +192,7 @@ def postgres_url():
 def test_two_workers_on_one_postgres_study_split_the_trials(postgres_url, store_home, tiny_dir, tmp_path):
     spec_path = _write_spec(tmp_path, name="shared", train_size=16, epochs=2,
                             space={"r": [2, 4, 8], "learning_rate": [1e-3, 3e-3]})
-    created = run_cli("tune", str(spec_path), "--storage", postgres_url, "--create-only")
-    assert created.returncode == 0, created.stderr[-2000:]
-    env = {**os.environ}
-    workers = [subprocess.Popen([sys.executable, "-m", "loraforge", "tune", "worker", "shared-marketing", "--storage",
-                                 postgres_url, "--out", str(tmp_path / f"w{i}")], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT) for i in range(2)]
-    outputs = [w.communicate(timeout=600)[0].decode() for w in workers]
-    assert [w.returncode for w in workers] == [0, 0], outputs
-    report = run_cli("tune", "report", "shared-marketing", "--storage", postgres_url, "--out", str(tmp_path / "r"))
-    assert report.returncode == 0, report.stderr[-2000:]
-    rows = rows_of(tmp_path / "r" / "results.jsonl")
+    rows, _ = _create_then_two_workers(spec_path, "shared-marketing", postgres_url, tmp_path)
     assert len(rows) == 6 and all(r["state"] == "complete" for r in rows)
     assert len({json.dumps(r["params"], sort_keys=True) for r in rows}) == 6  # no configuration twice
     by_worker = {}

@@ -60,7 +60,7 @@ def study_rows(study) -> list[dict]:
 
     rows = []
     for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
-        if t.state == TrialState.WAITING or t.user_attrs.get("skipped"):
+        if t.state == TrialState.WAITING or t.user_attrs.get("skipped") or t.user_attrs.get("phase") == "fit":
             continue
         row = t.user_attrs.get("row")
         if row is None:  # failed or killed before it finished: what is known

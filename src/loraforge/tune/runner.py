@@ -16,7 +16,8 @@ from pathlib import Path
 from loraforge import paths
 from loraforge.tune.objective import TuneData, dataset_data, domain_data
 from loraforge.tune.spec import TuneSpec
-from loraforge.tune.study import QUEUED, StudyRef, open_study, study_name, trials_by_state, waiting, work
+from loraforge.tune.study import (QUEUED, StudyRef, enqueue_fit, is_fit, open_study, study_name, trials_by_state,
+                                  waiting, work)
 
 
 def tuning_root() -> Path:
@@ -89,12 +90,22 @@ def _settle(study, spec: TuneSpec, deadline: float | None) -> None:
         time.sleep(min(2.0, spec.heartbeat_seconds))
 
 
+def _fit_lost(study) -> bool:
+    """A predict study whose fit entry is gone before it queued the verification (its holder was killed
+    twice, or the study predates the fit entry)."""
+    from optuna.trial import TrialState
+
+    if study.user_attrs.get("prediction"):
+        return False
+    fits = sorted((t for t in study.get_trials(deepcopy=False) if is_fit(t)), key=lambda t: t.number)
+    return not fits or fits[-1].state == TrialState.FAIL
+
+
 def run_tuning(spec: TuneSpec, *, base_dir: Path | None = None, out: Path | None = None, storage: str | None = None,
                workers: int | None = None, create_only: bool = False,
                on_trial: Callable[[dict], None] = _print_row, log: Callable[[str], None] = print,
                should_stop: Callable[[], bool] = lambda: False) -> list[dict]:
     """Create or resume each study, run it to its budget, write its results and report. Returns the summaries."""
-    from loraforge.tune.predict import enqueue_verification
     from loraforge.tune.results import write_report
 
     workers = spec.workers if workers is None else workers
@@ -116,8 +127,8 @@ def run_tuning(spec: TuneSpec, *, base_dir: Path | None = None, out: Path | None
             if should_stop():
                 break
             _settle(study, spec, deadline)
-            if spec.strategy == "predict" and enqueue_verification(study, spec) and waiting(study):
-                continue
+            if spec.strategy == "predict" and _fit_lost(study):
+                enqueue_fit(study)  # its holder was killed twice: everything has settled, so queue it again
             if spec.strategy in QUEUED and waiting(study) and (deadline is None or time.time() < deadline):
                 continue
             break

@@ -9,6 +9,11 @@ How trials are handed out, whoever runs them:
   below it that are running or finished (failed ones excepted); when that reaches the budget it is
   recorded as skipped and not run. Trial numbers are unique in the storage, so workers racing for the
   last slot never overshoot the budget.
+- `predict` queues one more entry after its samples: the fit. The worker that pops it fits the
+  surrogate and queues the verification trials once every sample has finished. While samples are still
+  running elsewhere, it puts the fit back at the end of the queue and waits a moment. There is only ever
+  one fit entry, so the verification is queued exactly once, by whichever worker holds it: a coordinator,
+  its local workers, or `loraforge tune worker` processes on other machines.
 - A worker that dies stops sending heartbeats; the next worker to start a trial marks its trial failed
   and puts its configuration back in the queue (once), so the study goes on and resumes where it was.
 """
@@ -175,6 +180,47 @@ def enqueue_samples(study, spec: TuneSpec) -> None:
                           "use strategy grid", field="predict.samples")
     for point in random.Random(spec.seed).sample(points, spec.predict.samples):
         study.enqueue_trial(point, user_attrs={"queued": "predict", "phase": "sample"})
+    enqueue_fit(study)
+
+
+FIT = {"queued": "predict", "phase": "fit"}
+
+
+def enqueue_fit(study) -> None:
+    """The predict study's one fit entry, at the end of the queue (see the module notes)."""
+    study.enqueue_trial({}, user_attrs=FIT)
+
+
+def is_fit(trial) -> bool:
+    return trial.user_attrs.get("phase") == "fit"
+
+
+def _take_fit(study, spec: TuneSpec, *, deadline: float | None, should_stop: Callable[[], bool]) -> str:
+    """This worker holds the fit: wait for sampled trials running elsewhere, then queue the verification.
+
+    A sampled trial back in the queue (its worker died) is work this worker can do, so the fit is passed
+    on behind it instead of waiting for it; so is a fit that runs into the deadline or a stop."""
+    from optuna.storages import fail_stale_trials
+    from optuna.trial import TrialState
+
+    from loraforge.tune.predict import enqueue_verification
+
+    while not study.user_attrs.get("prediction"):
+        with _quiet_experimental():
+            fail_stale_trials(study)  # a dead sample's configuration goes back in the queue before we count
+        states = [t.state for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
+                  if t.user_attrs.get("phase") == "sample"]
+        if not states:
+            prediction = enqueue_verification(study, spec)
+            if prediction is None:
+                return "fewer than 3 sampled trials completed: nothing to fit"
+            return (f"fit {prediction['surrogate']} on {prediction['samples']} samples (leave-one-out error "
+                    f"{prediction['loo_mae']:.3f}); queued the top {prediction['queued']} of {prediction['grid']}")
+        if TrialState.WAITING in states or should_stop() or (deadline is not None and time.time() >= deadline):
+            enqueue_fit(study)
+            return f"{len(states)} sampled trial(s) still to run; the fit went back in the queue"
+        time.sleep(min(2.0, spec.heartbeat_seconds))
+    return "the verification was already queued"
 
 
 # ---- the worker loop -------------------------------------------------------------------------------------------
@@ -216,6 +262,10 @@ def work(spec: TuneSpec, ref: StudyRef, data, *, deadline: float | None = None,
     ran = 0
 
     def objective(trial):
+        if is_fit(trial):
+            trial.set_user_attr("skipped", _take_fit(study, spec, deadline=deadline, should_stop=should_stop))
+            log(trial.user_attrs["skipped"])
+            raise optuna.TrialPruned()
         queued = trial.user_attrs.get("queued")
         if spec.strategy in QUEUED and not queued:
             trial.set_user_attr("skipped", "the queue was empty when this trial started")
@@ -266,6 +316,8 @@ def work(spec: TuneSpec, ref: StudyRef, data, *, deadline: float | None = None,
 def trials_by_state(study) -> dict[str, int]:
     counts: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):
+        if is_fit(t):
+            continue  # bookkeeping, not a configuration
         key = "skipped" if t.user_attrs.get("skipped") else t.state.name.lower()
         counts[key] = counts.get(key, 0) + 1
     return counts
