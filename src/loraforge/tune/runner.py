@@ -128,7 +128,7 @@ def run_tuning(spec: TuneSpec, *, base_dir: Path | None = None, out: Path | None
                 break
             _settle(study, spec, deadline)
             if spec.strategy == "predict" and _fit_lost(study):
-                enqueue_fit(study)  # its holder was killed twice: everything has settled, so queue it again
+                enqueue_fit(study)  # lost (see _fit_lost); everything has settled, so queuing it again is safe
             if spec.strategy in QUEUED and waiting(study) and (deadline is None or time.time() < deadline):
                 continue
             break

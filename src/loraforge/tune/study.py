@@ -9,11 +9,12 @@ How trials are handed out, whoever runs them:
   below it that are running or finished (failed ones excepted); when that reaches the budget it is
   recorded as skipped and not run. Trial numbers are unique in the storage, so workers racing for the
   last slot never overshoot the budget.
-- `predict` queues one more entry after its samples: the fit. The worker that pops it fits the
-  surrogate and queues the verification trials once every sample has finished. While samples are still
-  running elsewhere, it puts the fit back at the end of the queue and waits a moment. There is only ever
-  one fit entry, so the verification is queued exactly once, by whichever worker holds it: a coordinator,
-  its local workers, or `loraforge tune worker` processes on other machines.
+- `predict` queues one more entry after its samples: the fit. The worker that pops it waits (its
+  heartbeat alive) for samples still running elsewhere, then fits the surrogate and queues the
+  verification trials. A sample back in the queue (its worker died), the deadline or a stop makes it put
+  the fit back at the end of the queue instead. There is only ever one fit entry, so the verification is
+  queued exactly once, by whichever worker holds it: a coordinator, its local workers, or
+  `loraforge tune worker` processes on other machines.
 - A worker that dies stops sending heartbeats; the next worker to start a trial marks its trial failed
   and puts its configuration back in the queue (once), so the study goes on and resumes where it was.
 """
@@ -263,8 +264,9 @@ def work(spec: TuneSpec, ref: StudyRef, data, *, deadline: float | None = None,
 
     def objective(trial):
         if is_fit(trial):
-            trial.set_user_attr("skipped", _take_fit(study, spec, deadline=deadline, should_stop=should_stop))
-            log(trial.user_attrs["skipped"])
+            outcome = _take_fit(study, spec, deadline=deadline, should_stop=should_stop)
+            trial.set_user_attr("skipped", outcome)
+            log(outcome)
             raise optuna.TrialPruned()
         queued = trial.user_attrs.get("queued")
         if spec.strategy in QUEUED and not queued:
