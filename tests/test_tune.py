@@ -134,10 +134,10 @@ def _create_then_two_workers(spec_path: Path, study: str, storage: str, folder: 
 def test_standalone_workers_finish_a_predict_study_verification_included(store_home, tiny_dir, tmp_path):
     """No coordinator: `--create-only`, then two `tune worker` processes. Whichever holds the fit entry
     waits for the other's samples, fits once and queues the verification, which the workers then run."""
-    spec_path = _write_spec(tmp_path, name="spread", strategy="predict", train_size=16, epochs=2,
+    spec_path = _write_spec(tmp_path, name="standalone", strategy="predict", train_size=16, epochs=2,
                             space={"r": [2, 4, 8], "learning_rate": [1e-3, 3e-3]},
                             predict={"samples": 3, "verify": 2})
-    rows, outputs = _create_then_two_workers(spec_path, "spread-marketing", f"sqlite:///{tmp_path / 'shared.db'}",
+    rows, outputs = _create_then_two_workers(spec_path, "standalone-marketing", f"sqlite:///{tmp_path / 'shared.db'}",
                                              tmp_path)
     assert sorted(r["phase"] for r in rows) == ["sample"] * 3 + ["verify"] * 2, rows
     assert len({json.dumps(r["params"], sort_keys=True) for r in rows}) == 5  # no configuration twice

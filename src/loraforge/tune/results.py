@@ -10,6 +10,7 @@ from typing import Any
 
 from loraforge import paths
 from loraforge.tune.spec import TuneSpec
+from loraforge.tune.study import is_fit
 
 # The seed's per-trial record (../seeds/configs/sweep_space_004.json), in its order.
 SEED_FIELDS = ("timestamp", "domain", "rank", "alpha", "weight_decay", "learning_rate", "accuracy", "latency",
@@ -60,7 +61,7 @@ def study_rows(study) -> list[dict]:
 
     rows = []
     for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
-        if t.state == TrialState.WAITING or t.user_attrs.get("skipped") or t.user_attrs.get("phase") == "fit":
+        if t.state == TrialState.WAITING or t.user_attrs.get("skipped") or is_fit(t):
             continue
         row = t.user_attrs.get("row")
         if row is None:  # failed or killed before it finished: what is known

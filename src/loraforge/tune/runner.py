@@ -16,7 +16,7 @@ from pathlib import Path
 from loraforge import paths
 from loraforge.tune.objective import TuneData, dataset_data, domain_data
 from loraforge.tune.spec import TuneSpec
-from loraforge.tune.study import (QUEUED, StudyRef, enqueue_fit, is_fit, open_study, study_name, trials_by_state,
+from loraforge.tune.study import (QUEUED, StudyRef, open_study, requeue_lost_fit, study_name, trials_by_state,
                                   waiting, work)
 
 
@@ -90,17 +90,6 @@ def _settle(study, spec: TuneSpec, deadline: float | None) -> None:
         time.sleep(min(2.0, spec.heartbeat_seconds))
 
 
-def _fit_lost(study) -> bool:
-    """A predict study whose fit entry is gone before it queued the verification (its holder was killed
-    twice, or the study predates the fit entry)."""
-    from optuna.trial import TrialState
-
-    if study.user_attrs.get("prediction"):
-        return False
-    fits = sorted((t for t in study.get_trials(deepcopy=False) if is_fit(t)), key=lambda t: t.number)
-    return not fits or fits[-1].state == TrialState.FAIL
-
-
 def run_tuning(spec: TuneSpec, *, base_dir: Path | None = None, out: Path | None = None, storage: str | None = None,
                workers: int | None = None, create_only: bool = False,
                on_trial: Callable[[dict], None] = _print_row, log: Callable[[str], None] = print,
@@ -127,8 +116,8 @@ def run_tuning(spec: TuneSpec, *, base_dir: Path | None = None, out: Path | None
             if should_stop():
                 break
             _settle(study, spec, deadline)
-            if spec.strategy == "predict" and _fit_lost(study):
-                enqueue_fit(study)  # lost (see _fit_lost); everything has settled, so queuing it again is safe
+            if spec.strategy == "predict":
+                requeue_lost_fit(study)
             if spec.strategy in QUEUED and waiting(study) and (deadline is None or time.time() < deadline):
                 continue
             break

@@ -196,6 +196,20 @@ def is_fit(trial) -> bool:
     return trial.user_attrs.get("phase") == "fit"
 
 
+def requeue_lost_fit(study) -> bool:
+    """Queue the fit again if it is gone before it queued the verification: its holder was killed twice, or
+    the study predates the fit entry. Only for a coordinator whose study has settled (nothing running)."""
+    from optuna.trial import TrialState
+
+    if study.user_attrs.get("prediction"):
+        return False
+    fits = sorted((t for t in study.get_trials(deepcopy=False) if is_fit(t)), key=lambda t: t.number)
+    if fits and fits[-1].state != TrialState.FAIL:
+        return False
+    enqueue_fit(study)
+    return True
+
+
 def _take_fit(study, spec: TuneSpec, *, deadline: float | None, should_stop: Callable[[], bool]) -> str:
     """This worker holds the fit: wait for sampled trials running elsewhere, then queue the verification.
 
