@@ -71,6 +71,21 @@ def test_activate_reject_rollback_and_prune(tmp_path):
     assert (4, "rollback") in actions and (5, "reject") in actions and (3, "prune") in actions
 
 
+def test_prune_and_delete_remove_the_eval_reports_of_the_versions_they_delete(tmp_path):
+    store = Store()
+    for _ in range(3):
+        _publish(store, tmp_path, "f", ["a"])
+    report = {"model": "f", "suite": "s", "suite_digest": "d", "scores": {}, "tags": {}}
+    ids = {v: store.record_eval({**report, "model": f"f@v{v}"}, name="f", version=v) for v in (1, 2, 3)}
+    files = {v: store.root / "evals" / f"{i}.json" for v, i in ids.items()}
+    assert all(f.is_file() for f in files.values())
+    assert store.prune("f", keep=1) == [1]  # v3 active, v2 its parent
+    assert not files[1].exists() and files[2].is_file() and files[3].is_file()
+    assert [e["id"] for e in store.evals("f")] and all(e["ref"] != "f@v1" for e in store.evals("f"))
+    assert store.delete("f") == 2
+    assert not files[2].exists() and not files[3].exists() and store.evals("f") == []
+
+
 def test_update_options_round_trip():
     options = UpdateOptions(replay_ratio=2.5, keep=3, num_epochs=4, learning_rate=1e-3,
                             policy=GatePolicy(0.8, 0.5, 0.1, ("efficacy",)))

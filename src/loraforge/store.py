@@ -299,11 +299,13 @@ class Store:
             folder = self.version_dir(name, number)
             trash = self.new_tmp_dir()
             with self.transaction() as db:
+                reports = self._eval_ids(db, name, number)
                 db.execute("DELETE FROM versions WHERE name = ? AND version = ?", (name, number))
                 self._log(db, name, number, "prune", f"kept the newest {keep}")
                 if folder.exists():
                     folder.rename(trash)
             paths.remove_tree(trash)
+            self._remove_eval_reports(reports)
         return doomed
 
     @staticmethod
@@ -339,6 +341,17 @@ class Store:
                         "suite_digest": row["suite_digest"], "scores": scores["scores"], "tags": scores["tags"],
                         "base_scores": base["scores"] if base else None, "created_at": row["created_at"]})
         return out
+
+    @staticmethod
+    def _eval_ids(db, name: str, version: int | None = None) -> list[str]:
+        """Ids of the eval reports of an adapter (or one version) about to be deleted: their rows cascade."""
+        query = "SELECT id FROM evals WHERE name = ?" + (" AND version = ?" if version is not None else "")
+        return [row["id"] for row in db.execute(query, (name,) + ((version,) if version is not None else ()))]
+
+    def _remove_eval_reports(self, eval_ids: list[str]) -> None:
+        """Remove the JSON of deleted versions' eval reports, after their rows are gone."""
+        for eval_id in eval_ids:
+            (self.root / "evals" / f"{eval_id}.json").unlink(missing_ok=True)
 
     def eval_report(self, eval_id: str) -> dict:
         check_name(eval_id, "eval id")
@@ -391,6 +404,7 @@ class Store:
         trash = None
         with self.transaction() as db:
             count = db.execute("SELECT COUNT(*) FROM versions WHERE name = ?", (name,)).fetchone()[0]
+            reports = self._eval_ids(db, name)
             if not db.execute("DELETE FROM adapters WHERE name = ?", (name,)).rowcount:
                 raise NotFound(f"adapter {name!r} not found", field="adapter")
             if folder.exists():
@@ -398,6 +412,7 @@ class Store:
                 folder.rename(trash)
         if trash is not None:
             paths.remove_tree(trash)
+        self._remove_eval_reports(reports)
         return int(count)
 
     def import_peft_dir(self, source: Path, name: str) -> AdapterVersion:
