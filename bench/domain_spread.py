@@ -1,11 +1,13 @@
 """Per-domain spread on the built-in model: best, median and worst test accuracy over a small LoRA grid.
 
-    .venv/bin/python bench/domain_spread.py [--domains financial legal ...] [--out docs/domain-spread.md]
+    .venv/bin/python bench/domain_spread.py [--domains financial legal ...] [--epochs 8] [--out docs/domain-spread.md]
 
 Runs the tuner itself (`strategy: grid`, one study per domain) on a scratch home. Every trial trains on
 the domain's train split (64 tasks), keeps its best epoch by validation accuracy (32 tasks) and is
 scored once on the test split (32 tasks), greedy, exact match. The grid is small on purpose — the tuner
 explores; this measures whether there is anything to tune: learning rate x rank x target modules.
+`--epochs` is the budget per trial (the tuner's budget axis); the same grid at a larger budget shows
+which domains are slow to learn rather than out of reach.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ EPOCHS = 8
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--domains", nargs="+")
+    parser.add_argument("--epochs", type=int, default=EPOCHS, help="epochs per trial (default %(default)s)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "domain-spread.md"))
     args = parser.parse_args()
 
@@ -45,7 +48,7 @@ def main() -> int:
 
     model_dir = build.build()
     domains = args.domains or sorted(DOMAINS)
-    spec = parse_tune_spec({"name": "spread", "domains": domains, "strategy": "grid", "epochs": EPOCHS,
+    spec = parse_tune_spec({"name": "spread", "domains": domains, "strategy": "grid", "epochs": args.epochs,
                             "space": SPACE, "fixed": {"batch_size": 8, "lora_dropout": 0.0}})
     base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -65,7 +68,7 @@ def main() -> int:
         print(rows[-1], flush=True)
     configs = rows[0][5] if rows else 0
     lines = [f"Test accuracy (exact match, 32 held-out tasks, greedy) on the built-in model after LoRA on 64 "
-             f"training tasks, up to {EPOCHS} epochs (the epoch with the best validation accuracy is kept), over "
+             f"training tasks, up to {args.epochs} epochs (the epoch with the best validation accuracy is kept), over "
              f"the grid learning_rate {SPACE['learning_rate']} x r {SPACE['r']} x target_modules "
              f"[q_proj+v_proj, all-linear] ({configs} configs per domain, `loraforge tune` with strategy grid). "
              f"Measured by "
