@@ -34,7 +34,6 @@ def continue_training(model_dir: Path, out: Path, epochs: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loraforge.batching import collate, count_loss_tokens, summed_token_loss
     from loraforge.data import Example, tokenize_examples
     from loraforge.models.tiny import build
 
@@ -50,20 +49,9 @@ def continue_training(model_dir: Path, out: Path, epochs: int) -> dict:
     steps = epochs * -(-len(data) // batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20) * max(0.0, 1 - s / steps))
-    order = torch.Generator().manual_seed(0)
     model.train()
     started = time.perf_counter()
-    for _ in range(epochs):
-        perm = torch.randperm(len(data), generator=order).tolist()
-        for start in range(0, len(data), batch_size):
-            batch = collate([data[i] for i in perm[start:start + batch_size]], tokenizer.pad_token_id)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = summed_token_loss(logits, batch["labels"]) / max(1, count_loss_tokens(batch["labels"]))
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
+    build.fit(model, data, tokenizer.pad_token_id, optimizer, schedule, epochs=epochs, batch_size=batch_size, seed=0)
     seconds = time.perf_counter() - started
     model.eval()
     sample = random.Random(1).sample(table, 120)

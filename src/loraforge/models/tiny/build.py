@@ -133,22 +133,8 @@ def build(progress=None) -> Path:
     total = per_epoch * RECIPE["epochs"]
     optimizer = torch.optim.AdamW(model.parameters(), lr=RECIPE["learning_rate"], weight_decay=RECIPE["weight_decay"])
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=RECIPE["warmup_steps"], num_training_steps=total)
-    order = torch.Generator().manual_seed(RECIPE["seed"])
-    step = 0
-    for _epoch in range(RECIPE["epochs"]):
-        perm = torch.randperm(len(data), generator=order).tolist()
-        for start in range(0, len(data), batch_size):
-            batch = collate([data[i] for i in perm[start:start + batch_size]], tokenizer.pad_token_id)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = summed_token_loss(logits, batch["labels"]) / max(1, count_loss_tokens(batch["labels"]))
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if progress:
-                progress(step, total, loss.item())
+    fit(model, data, tokenizer.pad_token_id, optimizer, scheduler, epochs=RECIPE["epochs"], batch_size=batch_size,
+        seed=RECIPE["seed"], progress=progress)
 
     rescale_activations(model, RECIPE["activation_scale"])
     model.eval()
@@ -168,6 +154,29 @@ def build(progress=None) -> Path:
     except OSError:
         paths.remove_tree(tmp)  # another process published the same build first
     return final
+
+
+def fit(model, data: list, pad_id: int, optimizer, scheduler, *, epochs: int, batch_size: int, seed: int,
+        progress=None) -> None:
+    """Full-weight training on tokenized examples: a seeded shuffle per epoch, mean loss over answer tokens,
+    gradients clipped at 1. `progress(step, total, loss)` is optional."""
+    order = torch.Generator().manual_seed(seed)
+    total = epochs * math.ceil(len(data) / batch_size)
+    step = 0
+    for _epoch in range(epochs):
+        perm = torch.randperm(len(data), generator=order).tolist()
+        for start in range(0, len(data), batch_size):
+            batch = collate([data[i] for i in perm[start:start + batch_size]], pad_id)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = summed_token_loss(logits, batch["labels"]) / max(1, count_loss_tokens(batch["labels"]))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if progress:
+                progress(step, total, loss.item())
 
 
 @torch.no_grad()
