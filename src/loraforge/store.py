@@ -122,6 +122,11 @@ def sha256_files(folder: Path) -> dict[str, str]:
     return out
 
 
+def _eval_filter(name: str, version: int | None) -> tuple[str, tuple]:
+    """The WHERE clause (placeholders only) and its values for an adapter's evals, or one version's."""
+    return ("name = ?", (name,)) if version is None else ("name = ? AND version = ?", (name, version))
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -329,10 +334,9 @@ class Store:
 
     def evals(self, name: str, version: int | None = None) -> list[dict]:
         """Eval summaries of an adapter (or one version), newest first."""
-        query = "SELECT * FROM evals WHERE name = ?" + (" AND version = ?" if version is not None else "")
+        where, args = _eval_filter(name, version)
         with self.reading() as db:
-            rows = db.execute(query + " ORDER BY created_at DESC, id DESC",
-                              (name,) + ((version,) if version is not None else ())).fetchall()
+            rows = db.execute(f"SELECT * FROM evals WHERE {where} ORDER BY created_at DESC, id DESC", args).fetchall()
         out = []
         for row in rows:
             scores = json.loads(row["scores_json"])
@@ -345,8 +349,8 @@ class Store:
     @staticmethod
     def _eval_ids(db, name: str, version: int | None = None) -> list[str]:
         """Ids of the eval reports of an adapter (or one version) about to be deleted: their rows cascade."""
-        query = "SELECT id FROM evals WHERE name = ?" + (" AND version = ?" if version is not None else "")
-        return [row["id"] for row in db.execute(query, (name,) + ((version,) if version is not None else ()))]
+        where, args = _eval_filter(name, version)
+        return [row["id"] for row in db.execute(f"SELECT id FROM evals WHERE {where}", args)]
 
     def _remove_eval_reports(self, eval_ids: list[str]) -> None:
         """Remove the JSON of deleted versions' eval reports, after their rows are gone."""
