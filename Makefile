@@ -33,8 +33,12 @@ postgres:
 	    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null; }; }; } || \
 	echo "note: no PostgreSQL server here; the shared-study tuning test will be skipped"
 
+# The suite runs in PYTEST_WORKERS parallel processes (pytest-xdist); tests/conftest.py gives each its share of
+# the cores. `make test PYTEST_WORKERS=0` runs it in one process.
+PYTEST_WORKERS ?= 2
+
 test: setup postgres
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

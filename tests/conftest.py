@@ -13,6 +13,15 @@ SEEDS = ROOT.parent / "shared" / "seeds" / "configs"
 EXAMPLES = ROOT / "examples"
 MODELS_CACHE = Path(os.environ.get("LORAFORGE_TEST_MODELS", ROOT / ".cache" / "test-models"))
 
+# `make test` runs the suite in parallel (pytest-xdist). Each worker, and every server, training worker and CLI
+# run it starts, gets its share of the cores: with torch's default of one thread per core in every process,
+# the spinning threads of two processes on two cores made the demo test several times slower than alone.
+# Set before anything imports torch; a value the caller set wins.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+
 
 def _link_models(home: Path) -> None:
     MODELS_CACHE.mkdir(parents=True, exist_ok=True)
@@ -32,16 +41,27 @@ def store_home(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
-    """Build (or reuse) the tiny model once per session."""
+    """Build (or reuse) the tiny model once: parallel workers wait on one lock while the first builds it,
+    with every core, as `loraforge models build tiny` would."""
+    import fcntl
+
+    import torch
+
     home = tmp_path_factory.mktemp("tiny-home")
     _link_models(home)
     old = os.environ.get("LORAFORGE_HOME")
     os.environ["LORAFORGE_HOME"] = str(home)
+    threads = torch.get_num_threads()
     try:
         from loraforge.models.tiny import build
 
-        return build.build()
+        with open(MODELS_CACHE.with_name(MODELS_CACHE.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not build.is_built():
+                torch.set_num_threads(os.cpu_count() or 1)
+            return build.build()
     finally:
+        torch.set_num_threads(threads)
         if old is None:
             os.environ.pop("LORAFORGE_HOME", None)
         else:
