@@ -42,10 +42,14 @@ def store_home(tmp_path, monkeypatch) -> Path:
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     """Build (or reuse) the tiny model once: parallel workers wait on one lock while the first builds it,
-    with every core, as `loraforge models build tiny` would."""
-    import fcntl
-
+    with every core, as `loraforge models build tiny` would. (No fcntl on Windows: there a second worker may
+    build too, and the build's atomic publish keeps one copy.)"""
     import torch
+
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
 
     home = tmp_path_factory.mktemp("tiny-home")
     _link_models(home)
@@ -56,7 +60,8 @@ def tiny_dir(tmp_path_factory) -> Path:
         from loraforge.models.tiny import build
 
         with open(MODELS_CACHE.with_name(MODELS_CACHE.name + ".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            if fcntl:
+                fcntl.flock(lock, fcntl.LOCK_EX)
             if not build.is_built():
                 torch.set_num_threads(os.cpu_count() or 1)
             return build.build()
