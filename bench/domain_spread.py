@@ -1,13 +1,14 @@
 """Per-domain spread on the built-in model: best, median and worst test accuracy over a small LoRA grid.
 
-    .venv/bin/python bench/domain_spread.py [--domains financial legal ...] [--epochs 8] [--out docs/domain-spread.md]
+    .venv/bin/python bench/domain_spread.py [--domains financial legal ...] [--epochs 8] [--train-size 64]
+        [--out docs/domain-spread.md]
 
 Runs the tuner itself (`strategy: grid`, one study per domain) on a scratch home. Every trial trains on
-the domain's train split (64 tasks), keeps its best epoch by validation accuracy (32 tasks) and is
-scored once on the test split (32 tasks), greedy, exact match. The grid is small on purpose — the tuner
+the domain's train split (64 tasks, or `--train-size`), keeps its best epoch by validation accuracy (32
+tasks) and is scored once on the test split (32 tasks), greedy, exact match. The grid is small on purpose — the tuner
 explores; this measures whether there is anything to tune: learning rate x rank x target modules.
 `--epochs` is the budget per trial (the tuner's budget axis); the same grid at a larger budget shows
-which domains are slow to learn rather than out of reach.
+which domains are slow to learn rather than out of reach, and a larger train split whether they lack data.
 """
 
 from __future__ import annotations
@@ -26,12 +27,15 @@ from _home import command, scratch_home, write_doc  # noqa: E402
 
 SPACE = {"learning_rate": [3e-4, 3e-3], "r": [4, 16], "target_modules": [["q_proj", "v_proj"], "all-linear"]}
 EPOCHS = 8
+TRAIN_SIZE = 64
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--domains", nargs="+")
     parser.add_argument("--epochs", type=int, default=EPOCHS, help="epochs per trial (default %(default)s)")
+    parser.add_argument("--train-size", type=int, default=TRAIN_SIZE,
+                        help="training tasks per domain (default %(default)s)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "domain-spread.md"))
     args = parser.parse_args()
 
@@ -49,6 +53,7 @@ def main() -> int:
     model_dir = build.build()
     domains = args.domains or sorted(DOMAINS)
     spec = parse_tune_spec({"name": "spread", "domains": domains, "strategy": "grid", "epochs": args.epochs,
+                            "train_size": args.train_size,
                             "space": SPACE, "fixed": {"batch_size": 8, "lora_dropout": 0.0}})
     base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -67,8 +72,9 @@ def main() -> int:
                      min(tests), len(tests)))
         print(rows[-1], flush=True)
     configs = rows[0][5] if rows else 0
-    lines = [f"Test accuracy (exact match, 32 held-out tasks, greedy) on the built-in model after LoRA on 64 "
-             f"training tasks, up to {args.epochs} epochs (the epoch with the best validation accuracy is kept), over "
+    lines = [f"Test accuracy (exact match, 32 held-out tasks, greedy) on the built-in model after LoRA on "
+             f"{args.train_size} training tasks, up to {args.epochs} epochs (the epoch with the best validation "
+             f"accuracy is kept), over "
              f"the grid learning_rate {SPACE['learning_rate']} x r {SPACE['r']} x target_modules "
              f"[q_proj+v_proj, all-linear] ({configs} configs per domain, `loraforge tune` with strategy grid). "
              f"Measured by "
