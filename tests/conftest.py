@@ -39,9 +39,8 @@ def store_home(tmp_path, monkeypatch) -> Path:
     return home
 
 
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory) -> Path:
-    """Build (or reuse) the tiny model once: parallel workers wait on one lock while the first builds it,
+def _build_tiny(home: Path) -> Path:
+    """Build (or reuse) the tiny model once: parallel processes wait on one lock while the first builds it,
     with every core, as `loraforge models build tiny` would. (No fcntl on Windows: there a second worker may
     build too, and the build's atomic publish keeps one copy.)"""
     import torch
@@ -51,7 +50,6 @@ def tiny_dir(tmp_path_factory) -> Path:
     except ImportError:
         fcntl = None
 
-    home = tmp_path_factory.mktemp("tiny-home")
     _link_models(home)
     old = os.environ.get("LORAFORGE_HOME")
     os.environ["LORAFORGE_HOME"] = str(home)
@@ -71,6 +69,34 @@ def tiny_dir(tmp_path_factory) -> Path:
             os.environ.pop("LORAFORGE_HOME", None)
         else:
             os.environ["LORAFORGE_HOME"] = old
+
+
+def pytest_sessionstart(session):
+    """Say what the suite runs on, in one line a CI log keeps: the CPU as torch sees it, the training
+    precision `auto` resolves to, and which build of `tiny` the tests use (built here if needed)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    import hashlib
+    import tempfile
+
+    from loraforge.device import choose_placement, cpu_description
+
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    placement = choose_placement("auto", "auto")
+    with tempfile.TemporaryDirectory() as home:
+        if reporter:
+            reporter.write_line("loraforge: preparing the tiny model (built once per machine)")
+        folder = _build_tiny(Path(home)).resolve()
+    digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    line = (f"loraforge: cpu {cpu_description()}; training precision {placement.precision} on {placement.device} "
+            f"({placement.reason}); tiny {folder.name} model.safetensors sha256 {digest[:16]}")
+    if reporter:
+        reporter.write_line(line)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    return _build_tiny(tmp_path_factory.mktemp("tiny-home"))
 
 
 @pytest.fixture(scope="session")

@@ -72,10 +72,31 @@ def test_seed_flow_v1_surgical_on_the_builtin_model(server):
             for i, r in enumerate(DATA)]}
         report = c.post("/api/evals/run", json={"suite": suite, "adapter": "tron_collaborative_intelligence_v1",
                                                 "compare": "base"}).json()
-        base = {case["id"]: case["outputs"][0] for case in report["base"]["cases"]}
-        changed = [case["prompt"] for case in report["cases"] if case["outputs"][0] != base[case["id"]]]
-        assert len(changed) >= 3, changed  # v1 moves answers away from the base (it does not teach FOR TWO:
-        #                                    `loraforge demo` measures that, efficacy 0%, as the seed found)
+        assert report["adapter"] == "tron_collaborative_intelligence_v1@v1" and len(report["cases"]) == 24
+        assert len(report["base"]["cases"]) == 24 and report["base"]["scores"]["efficacy"] == 0.0
+        # The loss over these answers fell by at least 10% (asserted below; about 9.5 -> 5.6 nats per token
+        # on the builds measured), so the served adapter must have moved the model's next-token distributions
+        # on the prompts it was trained on. Whether that moves whole greedy answers depends on the exact
+        # weights of the build (1 of 24 changed on one CPU, where this test used to ask for 3), so it reads the
+        # distributions instead: the top-5 log-probabilities at the first answer position, base against
+        # adapter, over HTTP. A served
+        # base, or an adapter still at its zero initialisation, gives exactly 0; the mean of the per-prompt
+        # largest change was 0.9 nats on the first build measured (the note of issue 14 lists the others),
+        # nine times the 0.1 asked for.
+        shifts = []
+        for row in DATA:
+            top = {}
+            for model in ("tiny", "tron_collaborative_intelligence_v1"):
+                r = c.post("/v1/chat/completions", json={
+                    "model": model, "messages": [{"role": "user", "content": row["instruction"]}], "max_tokens": 1,
+                    "logprobs": True, "top_logprobs": 5})
+                assert r.status_code == 200, r.text
+                top[model] = {t["token"]: t["logprob"] for t in r.json()["choices"][0]["logprobs"]["content"][0][
+                    "top_logprobs"]}
+            base_top, adapter_top = top.values()
+            shifts.append(max((abs(base_top[t] - adapter_top[t]) for t in base_top.keys() & adapter_top.keys()),
+                              default=float("inf")))
+        assert sum(shifts) / len(shifts) > 0.1, shifts
         assert job["progress"]["loss"] < 0.9 * json.loads(c.get(f"/api/training/jobs/{job['job_id']}/events").text
                                                           .split("event: progress\ndata: ")[1].split("\n")[0])["loss"]
         listed = c.get("/api/adapters").json()["adapters"]
@@ -237,6 +258,36 @@ def test_malformed_bodies_get_json_4xx(input_server, path, body):
     assert 400 <= r.status_code < 500, (r.status_code, r.text)
     assert set(r.json()["error"]) == {"message", "type", "code"}
     assert "Traceback" not in r.text
+
+
+@pytest.mark.parametrize("extra, field", [
+    ({"top_logprobs": 3}, "top_logprobs needs logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"logprobs": True, "stream": True}, "not available on streamed answers"),
+    ({"max_tokens": 0}, "max_tokens"),
+])
+def test_bad_chat_parameters_are_4xx_naming_them(input_server, extra, field):
+    with input_server.client() as c:
+        r = c.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                                                 **extra})
+    assert r.status_code in (400, 422), r.text
+    assert field in r.json()["error"]["message"]
+
+
+def test_logprobs_follow_the_openai_shape(input_server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=input_server.url + "/v1", api_key="unused")
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPT}],
+                                           max_tokens=6, logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    assert 1 <= len(content) <= 6 and reply.usage.completion_tokens == len(content)
+    for item in content:
+        assert item.logprob <= 0 and len(item.top_logprobs) == 3
+        assert item.top_logprobs[0].logprob == max(t.logprob for t in item.top_logprobs)
+        assert item.logprob == item.top_logprobs[0].logprob  # greedy: the chosen token is the likeliest
+        assert bytes(item.bytes).decode() == item.token
+    assert "".join(item.token for item in content).strip().startswith(reply.choices[0].message.content[:5])
 
 
 def test_unknown_config_key_is_named_in_422(input_server):

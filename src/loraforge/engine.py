@@ -48,6 +48,7 @@ class Completion:
     completion_tokens: int
     finish_reason: str
     model: str
+    logprobs: list[dict] | None = None  # OpenAI `choices[].logprobs.content`, when asked for
 
 
 class Engine:
@@ -167,18 +168,23 @@ class Engine:
         return kwargs
 
     def complete(self, model: str, messages: list[dict], *, temperature: float = 0.0, top_p: float = 1.0,
-                 max_tokens: int = 128, stop: list[str] | None = None, seed: int | None = None) -> Completion:
+                 max_tokens: int = 128, stop: list[str] | None = None, seed: int | None = None,
+                 logprobs: bool = False, top_logprobs: int = 0) -> Completion:
+        """One answer. With `logprobs`, each generated token's log-probability under the model (before
+        temperature and top-p), and the `top_logprobs` likeliest tokens at each position."""
         base, adapter, shown = self.resolve_model(model)
         with base.lock, torch.no_grad():
             enc = self._prepare(base, messages)
-            out = base.model.generate(**enc, **self._gen_kwargs(base, adapter, temperature=temperature, top_p=top_p,
-                                                                max_tokens=max_tokens, stop=stop or [], seed=seed))
-        new = out[0, enc["input_ids"].shape[1]:].tolist()
+            kwargs = self._gen_kwargs(base, adapter, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                                      stop=stop or [], seed=seed)
+            out = base.model.generate(**enc, **kwargs, return_dict_in_generate=True, output_logits=logprobs)
+        new = out.sequences[0, enc["input_ids"].shape[1]:].tolist()
         text = base.tokenizer.decode(new, skip_special_tokens=True)
         text, stopped = _cut_at_stop(text, stop or [])
         ended = stopped or (new and new[-1] == base.tokenizer.eos_token_id) or len(new) < max_tokens
+        token_logprobs = (_token_logprobs(base.tokenizer, out.logits, new, top_logprobs) if logprobs else None)
         return Completion(text.strip(), int(enc["input_ids"].shape[1]), len(new), "stop" if ended else "length",
-                          shown)
+                          shown, token_logprobs)
 
     def generate_batch(self, model: str, chats: list[list[dict]], *, n: int = 1, temperature: float = 0.0,
                        top_p: float = 1.0, max_tokens: int = 96, seed: int | None = None) -> list[list[str]]:
@@ -225,6 +231,23 @@ class Engine:
         worker.join()
         if errors:
             raise errors[0]
+
+
+def _token_logprobs(tokenizer, logits: tuple[torch.Tensor, ...], tokens: list[int], top: int) -> list[dict]:
+    """OpenAI's `logprobs.content`: per generated token, its log-probability and the `top` likeliest."""
+    def entry(token_id: int, logprob: float) -> dict:
+        text = tokenizer.decode([token_id])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    content = []
+    for step_logits, token_id in zip(logits, tokens):
+        logp = torch.log_softmax(step_logits[0].float(), dim=-1)
+        item = entry(token_id, float(logp[token_id]))
+        best = torch.topk(logp, top) if top else None
+        item["top_logprobs"] = ([entry(int(i), float(v)) for v, i in zip(best.values, best.indices)]
+                                if best is not None else [])
+        content.append(item)
+    return content
 
 
 def _cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:

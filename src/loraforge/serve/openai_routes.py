@@ -46,11 +46,13 @@ def chat_completions(body: ChatCompletionRequest, request: Request):
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if not body.stream:
-        result = engine.complete(body.model, messages, **params)
+        result = engine.complete(body.model, messages, **params, logprobs=body.logprobs,
+                                 top_logprobs=body.top_logprobs or 0)
         return {
             "id": completion_id, "object": "chat.completion", "created": created, "model": result.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                         "finish_reason": result.finish_reason, "logprobs": None}],
+                         "finish_reason": result.finish_reason,
+                         "logprobs": {"content": result.logprobs} if body.logprobs else None}],
             "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
                       "total_tokens": result.prompt_tokens + result.completion_tokens},
         }

@@ -1,8 +1,13 @@
 """Build the built-in `tiny` base model: tokenizer, Llama weights and chat template, from the corpus.
 
-Deterministic: a fixed seed, the corpus in a fixed order, one thread count per build. The result is
-cached under `$LORAFORGE_HOME/models/tiny-<key>` where the key hashes the corpus and this recipe, so
-changing either builds a new model; an existing build is reused.
+Deterministic on one machine: a fixed seed, the corpus in a fixed order, one thread count per build.
+Not across machines: vector width and thread count change float sums, and 540 steps amplify the
+difference, so two CPUs build two different (equally valid) models. Nothing may depend on which one.
+The result is cached under `$LORAFORGE_HOME/models/tiny-<key>` where the key hashes the corpus and this
+recipe, so changing either builds a new model; an existing build is reused.
+
+`LORAFORGE_TINY_SEED` replaces the build seed (and so the cache key): the way to run the test suite
+against other builds of `tiny`, as a different CPU would produce.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 import time
 import uuid
@@ -55,8 +61,21 @@ RECIPE = {
 }
 
 
+SEED_ENV = "LORAFORGE_TINY_SEED"
+
+
+def recipe() -> dict:
+    """RECIPE, with the seed `LORAFORGE_TINY_SEED` asks for."""
+    seed = os.environ.get(SEED_ENV, "").strip()
+    if not seed:
+        return dict(RECIPE)
+    if not seed.isdigit():
+        raise ValueError(f"{SEED_ENV} must be a non-negative integer, got {seed!r}")
+    return {**RECIPE, "seed": int(seed)}
+
+
 def cache_key() -> str:
-    payload = json.dumps({"recipe": RECIPE, "corpus": corpus.corpus_hash()}, sort_keys=True)
+    payload = json.dumps({"recipe": recipe(), "corpus": corpus.corpus_hash()}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
@@ -115,8 +134,9 @@ def build(progress=None) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM, get_scheduler
 
     started = time.perf_counter()
-    random.seed(RECIPE["seed"])
-    torch.manual_seed(RECIPE["seed"])
+    spec = recipe()
+    random.seed(spec["seed"])
+    torch.manual_seed(spec["seed"])
     tokenizer = build_tokenizer()
     data = training_examples(tokenizer)
     config = LlamaConfig(
@@ -134,7 +154,7 @@ def build(progress=None) -> Path:
     optimizer = torch.optim.AdamW(model.parameters(), lr=RECIPE["learning_rate"], weight_decay=RECIPE["weight_decay"])
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=RECIPE["warmup_steps"], num_training_steps=total)
     fit(model, data, tokenizer.pad_token_id, optimizer, scheduler, epochs=RECIPE["epochs"], batch_size=batch_size,
-        seed=RECIPE["seed"], progress=progress)
+        seed=spec["seed"], progress=progress)
 
     rescale_activations(model, RECIPE["activation_scale"])
     model.eval()
@@ -145,7 +165,7 @@ def build(progress=None) -> Path:
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     paths.atomic_write_json(tmp / "loraforge-tiny.json", {
-        "cache_key": cache_key(), "recipe": RECIPE, "corpus_sha256": corpus.corpus_hash(),
+        "cache_key": cache_key(), "recipe": spec, "corpus_sha256": corpus.corpus_hash(),
         "build_seconds": round(time.perf_counter() - started, 1), "probe_accuracy": accuracy,
         "steps": total, "torch_threads": torch.get_num_threads(),
     })
