@@ -77,19 +77,21 @@ def pytest_sessionstart(session):
     if os.environ.get("PYTEST_XDIST_WORKER"):
         return
     import hashlib
+    import json
     import tempfile
 
     from loraforge.device import choose_placement, cpu_description
 
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    placement = choose_placement("auto", "auto")
     with tempfile.TemporaryDirectory() as home:
         if reporter:
             reporter.write_line("loraforge: preparing the tiny model (built once per machine)")
         folder = _build_tiny(Path(home)).resolve()
     digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
-    line = (f"loraforge: cpu {cpu_description()}; training precision {placement.precision} on {placement.device} "
-            f"({placement.reason}); tiny {folder.name} model.safetensors sha256 {digest[:16]}")
+    width = json.loads((folder / "config.json").read_text())["hidden_size"]
+    tiny, real = choose_placement("auto", "auto", width=width), choose_placement("auto", "auto", width=576)
+    line = (f"loraforge: cpu {cpu_description()}; training precision on {tiny.device}: tiny {tiny.precision}, "
+            f"smollm2 {real.precision} ({tiny.reason}); tiny {folder.name} model.safetensors sha256 {digest[:16]}")
     if reporter:
         reporter.write_line(line)
 

@@ -204,3 +204,76 @@ def test_validate_prints_resolved_config(tiny_dir):
     out = json.loads(result.stdout)
     assert out["resolved"]["name"] == "for-two-surgical" and out["data"]["examples"] == 24
     assert out["plan"]["lora_parameters"] == 4 * 8 * ((256 + 256) + (256 + 128) + (256 + 128))
+
+
+@pytest.mark.parametrize("train_on_inputs, max_tokens", [(False, 4096), (True, 4096), (False, 90)])
+def test_a_packed_window_gives_the_loss_and_gradients_of_its_micro_batches(tiny_dir, train_on_inputs, max_tokens):
+    """Packing is only faster: one row per window (or several, under `pack_max_tokens`), per-example
+    attention, and the output layer in chunks or only where a label follows, give the same loss and
+    gradients as padded micro-batches of one example each (fp32)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loraforge.batching import collate, pack
+    from loraforge.data import tokenize_examples
+    from loraforge.train.attention import use_packed_attention
+    from loraforge.train.step import forward_backward, head_mode
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    examples = tokenize_examples(tokenizer, load_examples_from_file(DATA)[:6], max_seq_length=512,
+                                 train_on_inputs=train_on_inputs)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32), LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj", "lm_head"]))
+    for name, param in model.named_parameters():  # B starts at zero: give it values so gradients reach A too
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    window_tokens = sum(e.loss_tokens for e in examples)
+    assert head_mode(model) == "chunked"
+
+    def loss_and_grads(batches, mode, head_chunk=256):
+        model.zero_grad()
+        total = sum(forward_backward(model, b, scale=1 / window_tokens, mode=mode, head_chunk=head_chunk)
+                    for b in batches) / window_tokens
+        return total, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    packed = pack(examples, max_tokens)
+    assert (len(packed) == 1) == (max_tokens > 1000)
+    reference_loss, reference = loss_and_grads([collate([e], tokenizer.pad_token_id) for e in examples], "full")
+    masked = [{k: v for k, v in row.items() if k != "cu_seq_lens_q"} for row in packed]
+    assert use_packed_attention(model.get_base_model())
+    for rows, mode, chunk in ((packed, "chunked", 7), (packed, "chunked", 256), (packed, "labelled", 0),
+                              (packed, "full", 0), (masked, "chunked", 256)):
+        loss, grads = loss_and_grads(rows, mode, chunk or 256)
+        assert loss == pytest.approx(reference_loss, rel=1e-5), (mode, chunk)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, reference[name], rtol=1e-4, atol=1e-6, msg=f"{mode} {chunk} {name}")
+
+
+@pytest.mark.parametrize("lengths, max_tokens, rows", [
+    ([3, 4, 5], 100, [[3, 4, 5]]),
+    ([3, 4, 5], 7, [[3, 4], [5]]),
+    ([9, 2, 2], 5, [[9], [2, 2]]),  # longer than the budget: a row of its own
+    ([5, 5], 10, [[5, 5]]),
+])
+def test_packing_table(lengths, max_tokens, rows):
+    from loraforge.batching import IGNORE, pack
+    from loraforge.data import TokenizedExample
+
+    examples = [TokenizedExample(i, list(range(10 * i, 10 * i + n)), list(range(10 * i, 10 * i + n)))
+                for i, n in enumerate(lengths)]
+    packed = pack(examples, max_tokens)
+    assert [[len(run) for run in _runs(row["position_ids"][0].tolist())] for row in packed] == rows
+    for row in packed:
+        starts = (row["position_ids"][0] == 0).nonzero().flatten().tolist()
+        assert all(row["labels"][0, s] == IGNORE for s in starts)
+
+
+def _runs(positions):
+    run = []
+    for p in positions:
+        if p == 0 and run:
+            yield run
+            run = []
+        run.append(p)
+    yield run

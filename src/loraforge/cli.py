@@ -154,20 +154,41 @@ def cmd_train(args) -> int:
 
 
 def cmd_models_list(args) -> int:
-    from loraforge.models import DEFAULT_MODEL, catalog
-    from loraforge.models.tiny import build
+    from loraforge.models import DEFAULT_MODEL
+    from loraforge.models.resolve import available_models
 
-    cache = Path(os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME", str(Path.home() / ".cache" /
-                                                                                  "huggingface")))
-    rows = [("tiny", "built-in (Llama, trained by loraforge)", "yes" if build.is_built() else "no (built on first use)")]
-    for alias, hub in sorted(catalog().items()):
-        cached = any(cache.rglob(f"models--{hub.replace('/', '--')}")) if cache.exists() else False
-        rows.append((alias, hub, "yes" if cached else "no"))
     console = _console()
-    console.print(f"{'NAME':<24} {'SOURCE':<42} CACHED")
-    for name, src, cached in rows:
-        marker = " (default)" if name == DEFAULT_MODEL else ""
-        console.print(f"{name + marker:<24} {src:<42} {cached}")
+    console.print(f"{'NAME':<26} {'READY':<6} {'SOURCE':<50} STATUS")
+    for row in available_models():
+        marker = " (default)" if row["id"] == DEFAULT_MODEL else ""
+        console.print(f"{row['id'] + marker:<26} {'yes' if row['ready'] else 'no':<6} {row['source']:<50} "
+                      f"{row['status']}")
+    return 0
+
+
+def cmd_models_import(args) -> int:
+    """Convert a GGUF file or an Ollama model once, so training and serving start at once."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    from loraforge.models import gguf, resolve_base_model
+    from loraforge.models.resolve import gguf_source
+
+    source = gguf_source(resolve_base_model(args.source))
+    if source is None:
+        raise LoraforgeError(f"{args.source!r} is not a GGUF model: models import takes a .gguf file, an "
+                             "ollama: reference, or a catalog model shipped as GGUF (models list)", field="source")
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn()) as bar:
+        task = bar.add_task("checking the file", total=None)
+
+        def progress(phase: str, done: int, total: int) -> None:
+            bar.update(task, description=phase, completed=done, total=total)
+
+        folder = gguf.import_gguf(source[0], expected_sha256=source[1], progress=progress)
+    info = json.loads((folder / gguf.MANIFEST).read_text())
+    print(f"{args.source}: {info['architecture']}, {info['parameters']:,} parameters "
+          f"({', '.join(info['tensor_types'])} de-quantized to {info['dtype']}), source sha256 "
+          f"{info['source']['sha256'][:16]}…")
+    print(f"ready: use model_name {args.source!r} in a config, or --model {args.source}")
     return 0
 
 
@@ -348,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                           metavar="ACTION")
     p = models.add_parser("list", help="the catalog and what is cached")
     p.set_defaults(func=cmd_models_list)
+    p = models.add_parser("import", help="convert a GGUF file or an Ollama model (ollama:NAME[:TAG]) once")
+    p.add_argument("source", help="a .gguf file, ollama:NAME[:TAG], or a packaged catalog model")
+    p.set_defaults(func=cmd_models_import)
     p = models.add_parser("build", help="build the built-in tiny model now")
     p.add_argument("model", nargs="?", default="tiny")
     p.set_defaults(func=cmd_models_build)

@@ -89,6 +89,10 @@ class TrainingSettings(BaseModel):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     quantization: Annotated[Literal["4bit"] | None, Field(description="QLoRA: 4-bit base (CUDA only)")] = None
     gradient_checkpointing: bool = False
+    packing: Annotated[bool, Field(description="pack each accumulation window's examples into one sequence "
+                                   "(block-diagonal attention; same gradient, faster)")] = True
+    pack_max_tokens: Annotated[int, Field(ge=8, le=1_048_576, description="most tokens in one packed forward "
+                                          "(bounds activation memory)")] = 512
     save_dtype: Annotated[SaveDtype, Field(description="dtype of the saved adapter weights")] = "float32"
 
 

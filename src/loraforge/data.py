@@ -65,6 +65,11 @@ class TokenizedExample:
     def trained_tokens(self) -> int:
         return sum(1 for label in self.labels if label != -100)
 
+    @property
+    def loss_tokens(self) -> int:
+        """Labelled tokens that are predicted (all but a label on the first token, which has no context)."""
+        return sum(1 for label in self.labels[1:] if label != -100)
+
 
 def _suggest(key: str, options: list[str]) -> str:
     close = difflib.get_close_matches(key, options, n=1, cutoff=0.6)

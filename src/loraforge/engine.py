@@ -86,7 +86,8 @@ class Engine:
         return True
 
     def is_base_name(self, name: str) -> bool:
-        if name == TINY or name in catalog() or "/" in name:
+        if name == TINY or name in catalog() or "/" in name or name.startswith("ollama:") or name.lower().endswith(
+                ".gguf"):
             return True
         return any(b.requested == name or b.id == name for b in self.bases.values())
 

