@@ -1,6 +1,6 @@
 """The reference: LoRA training the way the transformers and PEFT docs show it (Trainer + get_peft_model).
 
-    .venv/bin/python bench/reference_peft_trainer.py MODEL_FOLDER DATA.jsonl --steps 22 [--bf16]
+    .venv/bin/python bench/reference_peft_trainer.py MODEL_FOLDER DATA.jsonl --steps 22 [--bf16] [--cuda [--qlora]]
 
 Written as a user would from the docs, with the settings loraforge's bench uses: completion-only labels
 (the prompt masked with -100, the chat template's answer and end-of-turn marker trained), padding per
@@ -24,17 +24,25 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--targets", default="q_proj,k_proj,v_proj")
+    parser.add_argument("--cuda", action="store_true")
+    parser.add_argument("--qlora", action="store_true")
     args = parser.parse_args()
 
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
-                              TrainingArguments)
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DataCollatorForSeq2Seq,
+                              Trainer, TrainingArguments)
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    if args.qlora:
+        model = AutoModelForCausalLM.from_pretrained(args.model, device_map={"": 0}, quantization_config=(
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)))
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, task_type="CAUSAL_LM",
                                              target_modules=args.targets.split(",")))
 
@@ -55,7 +63,8 @@ def main() -> None:
         training_args = TrainingArguments(
             output_dir=out, per_device_train_batch_size=1, gradient_accumulation_steps=4,
             learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=2, max_steps=args.steps,
-            weight_decay=0.0, logging_steps=1, save_strategy="no", report_to=[], bf16=args.bf16, use_cpu=True,
+            weight_decay=0.0, logging_steps=1, save_strategy="no", report_to=[], bf16=args.bf16 or args.qlora,
+            use_cpu=not args.cuda,
             seed=42, dataloader_num_workers=0, include_num_input_tokens_seen=True, remove_unused_columns=False,
             disable_tqdm=True)
         trainer = Trainer(model=model, args=training_args, train_dataset=dataset,
@@ -63,7 +72,8 @@ def main() -> None:
         result = trainer.train()
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     print(json.dumps({"seconds": result.metrics["train_runtime"], "tokens": int(trainer.state.num_input_tokens_seen),
-                      "losses": losses, "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+                      "losses": losses, "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                      "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if args.cuda else None}))
 
 
 if __name__ == "__main__":
