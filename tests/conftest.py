@@ -90,8 +90,9 @@ def pytest_sessionstart(session):
     digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
     width = json.loads((folder / "config.json").read_text())["hidden_size"]
     tiny, real = choose_placement("auto", "auto", width=width), choose_placement("auto", "auto", width=576)
-    line = (f"loraforge: cpu {cpu_description()}; training precision on {tiny.device}: tiny {tiny.precision}, "
-            f"smollm2 {real.precision} ({tiny.reason}); tiny {folder.name} model.safetensors sha256 {digest[:16]}")
+    line = (f"loraforge: cpu {cpu_description()}; training precision on {tiny.device}: tiny {tiny.precision} "
+            f"({tiny.reason}), smollm2 {real.precision} ({real.reason}); "
+            f"tiny {folder.name} model.safetensors sha256 {digest[:16]}")
     if reporter:
         reporter.write_line(line)
 

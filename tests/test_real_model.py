@@ -4,7 +4,8 @@ round-trips through plain PEFT.
 
 Why the margins hold on any machine: the base's weights are the GGUF's, de-quantized the same way
 everywhere (no per-CPU build as with `tiny`), and the run drives the loss on the taught answer from
-about 5 nats per token to below 0.3 — the greedy answer then reproduces the taught text. The base
+about 5 nats per token to below 0.05 (measured: 0.0015 after 48 steps; 24 steps stop at 0.22, where
+one taught question of 24 still comes out wrong) — the greedy answer then reproduces the taught text. The base
 never says "FOR TWO" (it calls 42 a Roman numeral).
 """
 
@@ -31,7 +32,7 @@ def seed_config() -> dict:
     config["output_dir"] = "./adapters/for-two-real"
     config["training_data"] = DATA
     config["lora_config"]["target_modules"] = ["q_proj", "k_proj", "v_proj", "o_proj"]
-    config["training_config"].update({"learning_rate": 1e-3, "warmup_steps": 2, "max_steps": 24,
+    config["training_config"].update({"learning_rate": 1e-3, "warmup_steps": 2, "max_steps": 48,
                                       "gradient_accumulation_steps": 1, "batch_size": 4})
     return config
 
@@ -55,7 +56,7 @@ def test_a_seed_config_on_the_real_model_trains_serves_and_evaluates(real_server
         assert job["status"] == "succeeded", job
         version = c.get("/api/adapters/for-two-real").json()["versions"][0]
         assert version["base_model"].endswith("SmolLM2-135M-Instruct")
-        assert version["metrics"]["final_loss"] < 0.3 < 3 < version["metrics"]["first_loss"]
+        assert version["metrics"]["final_loss"] < 0.05 < 3 < version["metrics"]["first_loss"]
         # r=8 on q/k/v/o over 30 layers: q,o are 576x576; k,v are 576x192 (3 of 9 heads)
         assert version["size"]["trainable_parameters"] == 30 * 8 * (2 * (576 + 576) + 2 * (576 + 192))
 

@@ -157,7 +157,7 @@ def import_gguf(path: Path, *, expected_sha256: str | None = None,
     if expected_sha256 is not None and sha != expected_sha256:
         raise ConfigError(f"GGUF file {path.name!r} does not match its digest sha256:{expected_sha256[:12]}… "
                           "(damaged or replaced)", field="model_name")
-    final = paths.home() / "models" / f"gguf-{sha[:16]}"
+    final = paths.inside(paths.home() / "models", f"gguf-{sha[:16]}")  # resolved, as cached_folder gives it
     if (final / MANIFEST).is_file():
         _remember(path, final)
         return final
