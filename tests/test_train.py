@@ -250,6 +250,49 @@ def test_a_packed_window_gives_the_loss_and_gradients_of_its_micro_batches(tiny_
             torch.testing.assert_close(grad, reference[name], rtol=1e-4, atol=1e-6, msg=f"{mode} {chunk} {name}")
 
 
+def test_the_retention_kl_is_zero_for_an_untouched_adapter_and_the_same_in_every_head_mode(tiny_dir):
+    """`retention: kl` pulls the adapted model toward the base on anchor answers: with B = 0 the adapter
+    is the base (KL 0, no gradient); once B moves, the chunked and labelled heads give the same KL and
+    gradients, and the gradient points back toward the base (a small step against it lowers the KL)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loraforge.batching import pack
+    from loraforge.data import tokenize_examples
+    from loraforge.train.step import forward_backward
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    examples = tokenize_examples(tokenizer, load_examples_from_file(DATA)[:4], max_seq_length=512,
+                                 train_on_inputs=False)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32), LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    [row] = pack(examples, 4096)
+
+    def kl_and_grads(mode):
+        model.zero_grad()
+        kl = forward_backward(model, row, scale=1.0, mode=mode, head_chunk=5, objective="kl")
+        return kl, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+    kl, grads = kl_and_grads("chunked")
+    assert kl == pytest.approx(0.0, abs=1e-6), kl
+    at_zero = max(g.abs().max().item() for g in grads.values())  # rounding only
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    chunked, grads = kl_and_grads("chunked")
+    labelled, reference = kl_and_grads("labelled")
+    assert chunked > 1e-3 and chunked == pytest.approx(labelled, rel=1e-4)
+    assert max(g.abs().max().item() for g in grads.values()) > 100 * at_zero
+    for name, grad in grads.items():
+        assert (grad - reference[name]).norm() <= 1e-3 * reference[name].norm(), name
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in grads:
+                param -= 0.1 * grads[name] / max(g.norm() for g in grads.values())
+    assert kl_and_grads("chunked")[0] < chunked
+
+
 @pytest.mark.parametrize("lengths, max_tokens, rows", [
     ([3, 4, 5], 100, [[3, 4, 5]]),
     ([3, 4, 5], 7, [[3, 4], [5]]),

@@ -48,6 +48,10 @@ def _load_spec(args) -> tuple[Any, list, str]:
 
         suite = resolve_suite(spec.eval_suite, config_path.parent, contain=False)
         spec = spec.model_copy(update={"eval_suite": suite.model_dump(mode="json")})
+    anchors = spec.training.retention_anchors
+    if anchors != "builtin":  # the user's own file, relative to the config
+        resolved = str((config_path.parent / anchors).resolve())
+        spec = spec.model_copy(update={"training": spec.training.model_copy(update={"retention_anchors": resolved})})
     examples: list = []
     source = "none"
     if getattr(args, "data", None):
@@ -276,7 +280,8 @@ def cmd_eval(args) -> int:
         if not args.model:
             return _err("eval snapshot needs --model")
         probe_file = Path(args.probes).resolve() if args.probes else None  # the user's own file, any folder
-        probes = load_probes(probe_file.name, probe_file.parent) if probe_file else load_probes("builtin", None)
+        probes = load_probes(probe_file.name, probe_file.parent) if probe_file else load_probes("builtin", None,
+                                                                                               model=args.model)
         snap = snapshot(engine, store, args.model, probes, max_tokens=args.max_tokens, refresh=True)
         print(f"snapshot of {snap['model']} on {snap['total']} probes: {snap['correct']} answered correctly "
               f"({snap['correct'] / snap['total']:.1%}); retention counts these")
@@ -329,13 +334,18 @@ def cmd_serve(args) -> int:
         schedule = load_schedule(Path(args.schedule))
         for entry in schedule:
             print(f"nightly: {entry.adapter} at {entry.at} from data/{entry.inbox}/", flush=True)
-    app = create_app(device=args.device, max_jobs=args.max_jobs, preload=preload, schedule=schedule)
+    app = create_app(device=args.device, max_jobs=args.max_jobs, preload=preload, schedule=schedule,
+                     max_batch=args.max_batch, max_queued=args.max_queued)
     print(f"loraforge {__version__} serving on http://{args.host}:{args.port} (docs at /docs)", flush=True)
     if args.model:
         print(f"try: curl http://{args.host}:{args.port}/v1/chat/completions -H 'Content-Type: application/json' "
               f"-d '{{\"model\": \"{args.model}\", \"messages\": [{{\"role\": \"user\", "
               f"\"content\": \"What is the capital of France?\"}}]}}'", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    from loraforge.serve.app import DrainingServer
+
+    server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level),
+                            drain_timeout=args.drain_timeout)
+    server.run()
     return 0
 
 
@@ -432,6 +442,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="base model to load at start (e.g. tiny)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     p.add_argument("--max-jobs", type=int, help="training jobs at once per device (default 1)")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together per base model "
+                                                             "(default 16; 1 turns batching off)")
+    p.add_argument("--max-queued", type=int, default=64, help="requests waiting per base model before new ones "
+                                                              "get 429 (default 64)")
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds a stopping server lets requests in "
+                                                                      "flight finish (default 30)")
     p.add_argument("--schedule", help="YAML list of nightly updates: adapter, at (HH:MM), inbox folder in "
                                       "$LORAFORGE_HOME/data, update options")
     p.add_argument("--log-level", default="info")

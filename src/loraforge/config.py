@@ -94,6 +94,16 @@ class TrainingSettings(BaseModel):
     pack_max_tokens: Annotated[int, Field(ge=8, le=1_048_576, description="most tokens in one packed forward "
                                           "(bounds activation memory)")] = 512
     save_dtype: Annotated[SaveDtype, Field(description="dtype of the saved adapter weights")] = "float32"
+    retention: Annotated[Literal["none", "replay", "kl"], Field(
+        description="keep what the base knew while learning: replay the base's own answers to anchor prompts "
+                    "(cross-entropy), or hold the adapted model's next-token distribution on them close to "
+                    "the base's (KL, adapter switched off as the teacher)")] = "none"
+    retention_anchors: Annotated[str, Field(min_length=1, description="anchor prompts: builtin, or a JSONL/JSON "
+                                            "file of {prompt}")] = "builtin"
+    retention_ratio: Annotated[float, Field(gt=0, le=16, allow_inf_nan=False, description="anchor examples "
+                                            "per training example in each step")] = 1.0
+    retention_weight: Annotated[float, Field(gt=0, le=100, allow_inf_nan=False, description="weight of the "
+                                             "anchor loss beside the training loss (each per token)")] = 1.0
 
 
 class TrainSpec(BaseModel):

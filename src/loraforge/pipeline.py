@@ -59,7 +59,8 @@ def knowledge_monitor(spec):
 
     if not isinstance(spec.eval_suite, dict):
         raise ConfigError("eval_suite must be resolved to a suite before training", field="eval_suite")
-    return KnowledgeMonitor(parse_suite(spec.eval_suite, source="eval_suite"), target=spec.training.eval_target)
+    return KnowledgeMonitor(parse_suite(spec.eval_suite, source="eval_suite"), target=spec.training.eval_target,
+                            model_name=spec.model_name)
 
 
 def unfinished_run(store: Store, run_id: str) -> int | None:

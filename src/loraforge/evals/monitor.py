@@ -27,8 +27,9 @@ class KnowledgeMonitor:
 
     manifest_key = "knowledge"
 
-    def __init__(self, suite: Suite, *, target: float = 1.0, max_tokens: int = 96):
+    def __init__(self, suite: Suite, *, target: float = 1.0, max_tokens: int = 96, model_name: str | None = None):
         self.suite = suite
+        self.model_name = model_name  # which built-in probe set applies
         self.target = target
         self.max_tokens = max_tokens
         self.cases: list[Case] = list(suite.cases)
@@ -50,7 +51,8 @@ class KnowledgeMonitor:
             generate = self._generate(model, tokenizer, device)
             if self.suite.retention is not None:
                 probes = load_probes(self.suite.retention.probes,
-                                     Path(self.suite.source_dir) if self.suite.source_dir else None)
+                                     Path(self.suite.source_dir) if self.suite.source_dir else None,
+                                     model=self.model_name)
                 snap = take_snapshot(generate, probes, model="base", fingerprint=None)
                 self.cases += snapshot_cases(snap, self.suite.retention.tags, self.suite.retention.exclude_tags)
             self.base_run = run_cases(generate, self.suite, self.cases, model="base")

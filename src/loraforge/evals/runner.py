@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from math import comb
@@ -68,13 +69,23 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 # ---- probes and snapshots ----------------------------------------------------------------------------------
-def load_probes(spec: str, base_dir: Path | None) -> list[dict]:
-    """`builtin` (the built-in model's probe set) or a file of {id, prompt, answer?} next to the suite."""
-    if spec == "builtin":
-        from loraforge.models.tiny import corpus
+GENERAL_PROBES = Path(__file__).resolve().parent / "data" / "general_probes.jsonl"
 
-        return [{"id": p["id"], "prompt": p["prompt"], "answer": p["answer"], "tags": [p["topic"]]}
-                for p in corpus.probes()]
+
+def load_probes(spec: str, base_dir: Path | None, model: str | None = None) -> list[dict]:
+    """A file of {id, prompt, answer?, tags?} next to the suite, or `builtin`: for the built-in `tiny`,
+    its own corpus probes; for any other model, the general-knowledge set (capitals, arithmetic, units,
+    famous works and people, science and the world: `evals/data/general_probes.jsonl`), asked the way a
+    user asks. Which probes count is decided by the base's own snapshot."""
+    if spec == "builtin":
+        from loraforge.models import resolve_base_model
+
+        if model is None or resolve_base_model(model).kind == "tiny":
+            from loraforge.models.tiny import corpus
+
+            return [{"id": p["id"], "prompt": p["prompt"], "answer": p["answer"], "tags": [p["topic"]]}
+                    for p in corpus.probes()]
+        base_dir, spec = GENERAL_PROBES.parent, GENERAL_PROBES.name
     path = paths.inside(base_dir or Path.cwd(), spec, what="probes file", field="retention.probes",
                         error=ConfigError)
     raw = read_structured(path)
@@ -103,13 +114,21 @@ def probes_digest(probes: list[dict]) -> str:
     return hashlib.sha256(json.dumps(probes, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def probe_expect(answer: str) -> Expect:
+    """A probe's answer as a matcher: contained in the output; a number must stand on its own ("12" is
+    not found in "112")."""
+    if answer.strip().isdigit():
+        return Expect(regex=rf"(?<![0-9]){re.escape(answer.strip())}(?![0-9])")
+    return Expect(contains=answer)
+
+
 def take_snapshot(generate: Generate, probes: list[dict], *, model: str, fingerprint: str | None) -> dict:
     """The base's own answers on the probes, and which of them are correct (answer contained)."""
     outputs = generate([[{"role": "user", "content": p["prompt"]}] for p in probes], 1)
     rows = []
     for probe, out in zip(probes, outputs):
         answer = probe.get("answer")
-        correct = answer is None or normalise(answer) in normalise(out[0])
+        correct = answer is None or probe_expect(answer).check(out[0])
         rows.append({**probe, "base_output": out[0], "correct": correct})
     return {"model": model, "fingerprint": fingerprint, "probes_digest": probes_digest(probes), "probes": rows,
             "correct": sum(r["correct"] for r in rows), "total": len(rows)}
@@ -121,7 +140,7 @@ def snapshot_cases(snapshot: dict, tags: list[str], exclude_tags: list[str] = ()
     for row in snapshot["probes"]:
         if not row["correct"] or set(row.get("tags", [])) & set(exclude_tags):
             continue
-        expect = Expect(contains=row["answer"]) if row.get("answer") else Expect(exact=row["base_output"])
+        expect = probe_expect(row["answer"]) if row.get("answer") else Expect(exact=row["base_output"])
         cases.append(Case(id=f"probe:{row['id']}", kind="retention", prompt=row["prompt"], expect=expect,
                           tags=list(dict.fromkeys(tags + row.get("tags", [])))))
     return cases

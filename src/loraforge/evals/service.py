@@ -34,7 +34,7 @@ def snapshot(engine, store, model: str, probes: list[dict], *, max_tokens: int =
              refresh: bool = False) -> dict:
     """The base's answers on `probes` (cached per base fingerprint, probe set and max_tokens)."""
     base = engine.load_base(model)
-    path = _snapshot_path(store, base.fingerprint, probes_digest(probes), max_tokens)
+    path = _snapshot_path(store, f"{base.fingerprint}:{base.precision}", probes_digest(probes), max_tokens)
     if path.is_file() and not refresh:
         return json.loads(path.read_text(encoding="utf-8"))
     snap = take_snapshot(engine_generator(engine, model, max_tokens=max_tokens), probes, model=base.id,
@@ -65,7 +65,8 @@ def evaluate(engine, store, suite: Suite, *, model: str | None = None, adapter: 
     base_name, version = resolve_target(store, model, adapter)
     cases = list(suite.cases)
     if suite.retention is not None:
-        probes = load_probes(suite.retention.probes, Path(suite.source_dir) if suite.source_dir else None)
+        probes = load_probes(suite.retention.probes, Path(suite.source_dir) if suite.source_dir else None,
+                             model=base_name)
         snap = snapshot(engine, store, base_name, probes, max_tokens=max_tokens)
         cases += snapshot_cases(snap, suite.retention.tags, suite.retention.exclude_tags)
     decoding = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "seed": seed}

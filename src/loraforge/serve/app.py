@@ -10,6 +10,8 @@ import hmac
 import json
 import logging
 import os
+import threading
+import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -33,7 +35,8 @@ def error_body(status: int, message: str, type_: str, code: str | None = None) -
 
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error",
-          409: "conflict_error", 413: "request_too_large", 422: "invalid_request_error", 429: "rate_limit_error"}
+          409: "conflict_error", 413: "request_too_large", 422: "invalid_request_error", 429: "rate_limit_error",
+          503: "server_unavailable"}
 
 
 class BodyLimit:
@@ -71,6 +74,20 @@ class _TooLarge(Exception):
     pass
 
 
+class Draining:
+    """Pure ASGI middleware: once the server is stopping, every new request but /health gets 503."""
+
+    def __init__(self, app, state):
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and self.state.draining and scope.get("path") != "/health":
+            return await _send_json(send, 503, "the server is shutting down", "shutting_down",
+                                    [(b"retry-after", b"5")])
+        return await self.app(scope, receive, send)
+
+
 class ApiKey:
     """Pure ASGI middleware: with an API key set, every path but /health needs `Bearer KEY`.
 
@@ -93,10 +110,11 @@ class ApiKey:
         return await self.app(scope, receive, send)
 
 
-async def _send_json(send, status: int, message: str, code: str) -> None:
+async def _send_json(send, status: int, message: str, code: str, headers: list | None = None) -> None:
     body = json.dumps({"error": {"message": message, "type": _TYPES.get(status, "error"), "code": code}}).encode()
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *(headers or [])]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -111,12 +129,43 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+class DrainingServer:
+    """uvicorn's server, stopping gently: on SIGTERM or Ctrl-C new requests get 503 while the requests in
+    flight finish (at most `drain_timeout` seconds), then uvicorn shuts down (jobs' workers are stopped
+    and their jobs marked interrupted by the lifespan). A second signal stops at once."""
+
+    def __init__(self, config, *, drain_timeout: float = 30.0):
+        import uvicorn
+
+        app, timeout = config.app, drain_timeout
+
+        class _Server(uvicorn.Server):
+            def handle_exit(self, sig, frame):
+                if app.state.draining:
+                    return super().handle_exit(sig, frame)
+                app.state.draining = True
+                log.warning("stopping: finishing requests in flight (at most %.0f s)", timeout)
+                threading.Thread(target=self._drain_then_exit, args=(sig, frame), daemon=True).start()
+
+            def _drain_then_exit(self, sig, frame):
+                deadline = time.monotonic() + timeout
+                while time.monotonic() < deadline and (app.state.engine.busy() or self.server_state.tasks):
+                    time.sleep(0.1)
+                super().handle_exit(sig, frame)
+
+        self.server = _Server(config)
+
+    def run(self) -> None:
+        self.server.run()
+
+
 def create_app(store: Store | None = None, *, device: str = "auto", max_jobs: int | None = None,
                max_body: int | None = None, api_key: str | None = None, preload: list[str] | None = None,
-               scheduler: bool = True, schedule: list | None = None) -> FastAPI:
+               scheduler: bool = True, schedule: list | None = None, max_batch: int = 16,
+               max_queued: int = 64) -> FastAPI:
     store = store or Store()
     queue = JobQueue(store)
-    engine = Engine(store, device)
+    engine = Engine(store, device, max_batch=max_batch, max_queued=max_queued)
     max_jobs = max_jobs or int(os.environ.get("LORAFORGE_MAX_JOBS_PER_DEVICE", "1"))
     nightly = None
     if schedule:
@@ -134,6 +183,7 @@ def create_app(store: Store | None = None, *, device: str = "auto", max_jobs: in
         yield
         if scheduler:
             sched.stop()
+        engine.close()
 
     app = FastAPI(title="loraforge", version=__version__, lifespan=lifespan,
                   description="Train, store, serve and validate LoRA adapters.")
@@ -141,10 +191,14 @@ def create_app(store: Store | None = None, *, device: str = "auto", max_jobs: in
     app.state.queue = queue
     app.state.engine = engine
     app.state.scheduler = sched
+    app.state.draining = False  # set on SIGTERM: new requests get 503 while those in flight finish
 
     @app.exception_handler(LoraforgeError)
     async def _lf_error(_request: Request, exc: LoraforgeError):
-        return error_body(exc.status, exc.message, _TYPES.get(exc.status, "invalid_request_error"), exc.code)
+        response = error_body(exc.status, exc.message, _TYPES.get(exc.status, "invalid_request_error"), exc.code)
+        if getattr(exc, "retry_after", None):
+            response.headers["Retry-After"] = str(exc.retry_after)
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError):
@@ -176,6 +230,7 @@ def create_app(store: Store | None = None, *, device: str = "auto", max_jobs: in
 
     limit = max_body or int(os.environ.get("LORAFORGE_MAX_BODY_BYTES", DEFAULT_MAX_BODY))
     app.add_middleware(BodyLimit, max_bytes=limit)
+    app.add_middleware(Draining, state=app.state)
     key = api_key if api_key is not None else os.environ.get("LORAFORGE_API_KEY")
     if key:
         app.add_middleware(ApiKey, key=key)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from loraforge.models.resolve import TINY
 from loraforge.serve.protocol import ChatCompletionRequest
@@ -37,43 +38,84 @@ def models(request: Request):
 
 
 @router.post("/v1/chat/completions")
-def chat_completions(body: ChatCompletionRequest, request: Request):
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    """Queued on the model's decode loop (batched with every other request on that base). A client that
+    disconnects, streaming or waiting, frees its place at the next step."""
+    from starlette.concurrency import run_in_threadpool
+
+    from loraforge.engine import Channel, SamplingParams
+
     engine = request.app.state.engine
     messages = [m.model_dump() for m in body.messages]
-    max_tokens = body.max_completion_tokens or body.max_tokens or 128
-    params = dict(temperature=body.temperature, top_p=body.top_p, max_tokens=max_tokens, stop=body.stop,
-                  seed=body.seed)
+    params = SamplingParams(temperature=body.temperature, top_p=body.top_p,
+                            max_tokens=body.max_completion_tokens or body.max_tokens or 128,
+                            stop=tuple(body.stop or ()), seed=body.seed, logprobs=body.logprobs,
+                            top_logprobs=body.top_logprobs or 0, ignore_eos=body.ignore_eos)
+    channel = Channel(asyncio.get_running_loop())
+    # resolving may load a base or an adapter (seconds): off the event loop. Errors are 4xx before any byte.
+    pending, shown = await run_in_threadpool(engine.request, body.model, messages, params, channel)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if not body.stream:
-        result = engine.complete(body.model, messages, **params, logprobs=body.logprobs,
-                                 top_logprobs=body.top_logprobs or 0)
+        try:
+            result = await _result(channel, request)
+        finally:
+            pending.cancel()  # a no-op once done; frees the row if the client left
+        if result is None:
+            return Response(status_code=499)  # nobody is listening
         return {
-            "id": completion_id, "object": "chat.completion", "created": created, "model": result.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+            "id": completion_id, "object": "chat.completion", "created": created, "model": shown,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text.strip()},
                          "finish_reason": result.finish_reason,
                          "logprobs": {"content": result.logprobs} if body.logprobs else None}],
             "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
                       "total_tokens": result.prompt_tokens + result.completion_tokens},
         }
-    engine.resolve_model(body.model)  # unknown model or bad adapter: a 4xx before the stream starts
-    pieces = engine.stream(body.model, messages, **params)
 
     def chunk(delta: dict, finish: str | None) -> str:
-        payload = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": body.model,
+        payload = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": shown,
                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
         return f"data: {json.dumps(payload)}\n\n"
 
-    def stream():
-        yield chunk({"role": "assistant", "content": ""}, None)
+    async def stream():
         try:
-            for piece in pieces:
-                if piece:
-                    yield chunk({"content": piece}, None)
-        except Exception:
-            yield f"data: {json.dumps({'error': {'message': 'generation failed', 'type': 'server_error'}})}\n\n"
-            return
-        yield chunk({}, "stop")
-        yield "data: [DONE]\n\n"
+            yield chunk({"role": "assistant", "content": ""}, None)
+            while True:
+                kind, payload = await channel.aget()
+                if kind == "delta":
+                    yield chunk({"content": payload}, None)
+                elif kind == "done":
+                    yield chunk({}, payload.finish_reason)
+                    yield "data: [DONE]\n\n"
+                    return
+                else:
+                    error = {"message": "generation failed", "type": "server_error"}
+                    yield f"data: {json.dumps({'error': error})}\n\n"
+                    return
+        finally:  # the client went away (the task is cancelled) or the answer is complete
+            pending.cancel()
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _result(channel, request: Request):
+    """The request's result, or None if the client disconnected first; an error is raised."""
+    getter = asyncio.ensure_future(_final(channel))
+    try:
+        while True:
+            done, _ = await asyncio.wait({getter}, timeout=0.25)
+            if done:
+                return getter.result()
+            if await request.is_disconnected():
+                return None
+    finally:
+        getter.cancel()
+
+
+async def _final(channel):
+    while True:
+        kind, payload = await channel.aget()
+        if kind == "done":
+            return payload
+        if kind == "error":
+            raise payload

@@ -31,6 +31,8 @@ class ChatCompletionRequest(BaseModel):
     n: int = Field(1, ge=1, le=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    # vLLM's extra sampling parameter: generate max_tokens even past end-of-text (fixed-length benchmarks)
+    ignore_eos: bool = False
 
     @model_validator(mode="after")
     def _logprobs(self):

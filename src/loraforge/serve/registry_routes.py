@@ -21,6 +21,15 @@ def list_models(request: Request):
     return {"models": models}
 
 
+@router.get("/api/serving")
+def serving(request: Request):
+    """Each loaded base: requests generating and waiting, the limits, and counters of what was served
+    (decode steps, rows decoded, largest batch: how much continuous batching happened)."""
+    engine = request.app.state.engine
+    return {"bases": [{"model": b.requested, "id": b.id, "device": b.device, "precision": b.precision,
+                       "adapters": sorted(b.adapters), **b.scheduler.load()} for b in list(engine.bases.values())]}
+
+
 @router.post("/api/models/{model_id:path}/load")
 def load_model(model_id: str, request: Request):
     base = request.app.state.engine.load_base(model_id)

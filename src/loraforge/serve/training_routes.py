@@ -65,6 +65,10 @@ async def start_training(request: Request):
 
         suite = resolve_suite(spec.eval_suite, store.root / "suites")
         spec = spec.model_copy(update={"eval_suite": suite.model_dump(mode="json")})
+    anchors = spec.training.retention_anchors
+    if anchors != "builtin":  # a file in the store's data folder, like training_data
+        resolved = str(paths.inside(store.root / "data", anchors, field="retention_anchors"))
+        spec = spec.model_copy(update={"training": spec.training.model_copy(update={"retention_anchors": resolved})})
     if uploaded is not None:
         examples = load_examples(uploaded, source)
     elif is_file_list(spec.training_data):

@@ -52,6 +52,7 @@ class Progress:
     tokens_per_s: float
     elapsed_s: float
     eta_s: float
+    retention_loss: float | None = None  # the anchors' loss (per token), when retention is on
 
 
 @dataclass
@@ -126,6 +127,17 @@ def train(plan: TrainPlan, examples: list[Example], *, run_dir: Path, out_dir: P
                                        quantization=t.quantization)
     data = tokenize_examples(tokenizer, examples, max_seq_length=plan.max_seq_length,
                              train_on_inputs=t.train_on_inputs, source="training data")
+    base_fingerprint = fingerprint(model_folder(plan.model))
+    anchors = None
+    if t.retention != "none":  # the base answers the anchor prompts before any adapter exists
+        from loraforge.train.retention import AnchorStream, anchor_examples, anchor_prompts
+
+        anchor_data = anchor_examples(model, tokenizer, anchor_prompts(t.retention_anchors, plan.model.kind),
+                                      device=placement.device, cache_key=f"{base_fingerprint}:{load_dtype}", log=log)
+        anchors = AnchorStream(tokenize_examples(tokenizer, anchor_data, max_seq_length=plan.max_seq_length,
+                                                 train_on_inputs=False, source="anchors"), t.seed)
+        log(f"retention: {t.retention} on {len(anchors.anchors)} anchors, {t.retention_ratio:g} per training "
+            f"example, weight {t.retention_weight:g}")
     if t.quantization == "4bit":
         from peft import prepare_model_for_kbit_training
 
@@ -185,6 +197,8 @@ def train(plan: TrainPlan, examples: list[Example], *, run_dir: Path, out_dir: P
                 raise ValueError(f"cannot resume: the {key} changed since checkpoint {latest.name}")
         state = ckpt.load_checkpoint(latest, model, optimizer)
         step, start_epoch, start_window = state["step"], state["epoch"], state["window"]
+        if anchors is not None:
+            anchors.position = state.get("anchors", 0)
         for _ in range(step):
             scheduler.step()
         resumed_from = step
@@ -203,7 +217,7 @@ def train(plan: TrainPlan, examples: list[Example], *, run_dir: Path, out_dir: P
 
     # ---- fit -----------------------------------------------------------------------------------------
     started = time.perf_counter()
-    tokens_seen = window_loss = 0.0
+    tokens_seen = window_loss = retention_loss = 0.0
     window_count = 0
     history: list[dict] = []
     first_loss = None
@@ -229,10 +243,22 @@ def train(plan: TrainPlan, examples: list[Example], *, run_dir: Path, out_dir: P
             for batch in forwards:
                 batch = {k: v.to(placement.device) for k, v in batch.items()}
                 loss_total += forward_backward(model, batch, scale=1 / window_tokens, mode=loss_mode,
-                                               backward=lambda t: scaler.scale(t).backward(),
+                                               backward=lambda x: scaler.scale(x).backward(),
                                                autocast=autocast) / window_tokens
                 tokens_seen += int(batch["input_ids"].numel() if "position_ids" in batch
                                    else batch["attention_mask"].sum())
+            if anchors is not None:
+                picked = anchors.take(math.ceil(t.retention_ratio * len(window)))
+                anchor_tokens = max(1, sum(e.loss_tokens for e in picked))
+                for batch in pack(picked, t.pack_max_tokens):
+                    if not per_example_attention:
+                        batch.pop("cu_seq_lens_q")
+                    batch = {k: v.to(placement.device) for k, v in batch.items()}
+                    retention_loss += forward_backward(
+                        model, batch, scale=t.retention_weight / anchor_tokens, mode=loss_mode,
+                        objective="ce" if t.retention == "replay" else "kl",
+                        backward=lambda x: scaler.scale(x).backward(), autocast=autocast) / anchor_tokens
+                    tokens_seen += int(batch["input_ids"].numel())
             scaler.unscale_(optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm if t.max_grad_norm > 0
                                                             else float("inf")))
@@ -253,17 +279,19 @@ def train(plan: TrainPlan, examples: list[Example], *, run_dir: Path, out_dir: P
                 event = Progress(step, total_steps, round(epoch + (w_index + 1) / len(windows), 4),
                                  round(window_loss / window_count, 6), lr, round(grad_norm, 6), int(tokens_seen),
                                  round(tokens_seen / elapsed, 1) if elapsed > 0 else 0.0, round(elapsed, 2),
-                                 round(elapsed / done * (total_steps - step), 1) if done else 0.0)
+                                 round(elapsed / done * (total_steps - step), 1) if done else 0.0,
+                                 round(retention_loss / window_count, 6) if anchors is not None else None)
                 history.append(asdict(event))
                 with open(metrics_path, "a", encoding="utf-8") as handle:
                     handle.write(json.dumps(asdict(event)) + "\n")
                 if on_progress:
                     on_progress(event)
-                window_loss, window_count = 0.0, 0
+                window_loss, window_count, retention_loss = 0.0, 0, 0.0
             if t.save_steps and step % t.save_steps == 0 and step < total_steps:
                 nxt_epoch, nxt_window = (epoch, w_index + 1) if w_index + 1 < len(windows) else (epoch + 1, 0)
                 ckpt.save_checkpoint(run_dir, model, optimizer, {
                     "step": step, "epoch": nxt_epoch, "window": nxt_window, "identity": identity,
+                    "anchors": anchors.position if anchors is not None else 0,
                 }, keep=t.save_total_limit)
                 log(f"checkpoint saved at step {step}")
             if monitor is not None and (step % eval_every == 0 or step == total_steps):
@@ -301,7 +329,7 @@ def train(plan: TrainPlan, examples: list[Example], *, run_dir: Path, out_dir: P
     manifest = {
         "tool": {"name": "loraforge", "version": __version__, "torch": torch.__version__},
         "base_model": {"requested": plan.model.requested, "id": plan.model.id,
-                       "fingerprint": fingerprint(model_folder(plan.model))},
+                       "fingerprint": base_fingerprint},
         "config": resolved,
         "notes": list(spec.notes),
         "data": {"hash": identity["data"], "examples": len(examples),
@@ -311,6 +339,9 @@ def train(plan: TrainPlan, examples: list[Example], *, run_dir: Path, out_dir: P
                      "resumed_from_step": resumed_from, "tokens": int(tokens_seen)},
         "size": sizes,
     }
+    if anchors is not None:
+        manifest["retention"] = {"method": t.retention, "anchors": len(anchors.anchors), "ratio": t.retention_ratio,
+                                 "weight": t.retention_weight, "anchor_examples_seen": anchors.position}
     if monitor is not None:
         manifest[monitor.manifest_key] = monitor.summary(stopped_at)
     paths.atomic_write_json(tmp / "loraforge.json", manifest)

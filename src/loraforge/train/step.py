@@ -11,6 +11,10 @@ Three ways to the same summed next-token loss and the same gradients (tested aga
   they never exceed one chunk. Used for architectures whose logits are exactly the output layer
   applied to the decoder's last hidden state (`PLAIN_HEAD`);
 - a packed row, other architectures: logits only at labelled positions (`logits_to_keep`).
+
+`objective="kl"` (retention anchors, packed rows only) replaces the cross-entropy by the KL divergence
+from the base's next-token distribution, computed by the same model with the adapter switched off, to
+the adapted model's, summed over the labelled positions.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ def head_mode(model) -> str:
 
 def forward_backward(model, batch: dict, *, scale: float, mode: str, head_chunk: int = 256,
                      backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
-                     autocast: AbstractContextManager | None = None) -> float:
+                     autocast: AbstractContextManager | None = None, objective: str = "ce") -> float:
     """Forward `batch`, backpropagate its summed loss times `scale`, return the summed loss.
 
     `backward(t)` runs t's backward (the recipe passes the GradScaler's scaling); `autocast` wraps the
@@ -48,6 +52,9 @@ def forward_backward(model, batch: dict, *, scale: float, mode: str, head_chunk:
     """
     autocast = autocast or _no_autocast()
     labels = batch["labels"]
+    if objective == "kl":
+        return _kl_forward_backward(model, batch, scale=scale, mode=mode, head_chunk=head_chunk,
+                                    backward=backward, autocast=autocast)
     if "position_ids" not in batch:
         with autocast:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -82,6 +89,45 @@ def forward_backward(model, batch: dict, *, scale: float, mode: str, head_chunk:
         total += loss.item()
     if detached.grad is not None:
         hidden.backward(detached.grad)  # already scaled by `backward`
+    return total
+
+
+def _kl(base_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Sum over positions of KL(base || adapted) of the next-token distributions."""
+    base_logp = torch.log_softmax(base_logits.float(), dim=-1)
+    return (base_logp.exp() * (base_logp - torch.log_softmax(logits.float(), dim=-1))).sum()
+
+
+def _kl_forward_backward(model, batch: dict, *, scale: float, mode: str, head_chunk: int, backward,
+                         autocast) -> float:
+    row = {k: batch[k] for k in ("input_ids", "position_ids", "cu_seq_lens_q") if k in batch}
+    positions = labelled_positions(batch["labels"])
+    if mode != "chunked":
+        keep = {"logits_to_keep": positions} if mode == "labelled" else {}
+        pick = (lambda x: x[0]) if mode == "labelled" else (lambda x: x[0, positions])
+        with torch.no_grad(), model.disable_adapter(), autocast:
+            base = pick(model(**row, **keep, use_cache=False).logits)
+        with autocast:
+            loss = _kl(base, pick(model(**row, **keep, use_cache=False).logits))
+        backward(loss * scale)
+        return loss.item()
+    core = model.get_base_model()
+    decoder, head = core.get_decoder(), core.get_output_embeddings()
+    with torch.no_grad(), model.disable_adapter(), autocast:
+        base_hidden = decoder(**row, use_cache=False).last_hidden_state
+    with autocast:
+        hidden = decoder(**row, use_cache=False).last_hidden_state
+    detached = hidden.detach().requires_grad_(True)
+    total = 0.0
+    for chunk in positions.split(head_chunk):
+        with torch.no_grad(), model.disable_adapter(), autocast:
+            base = head(base_hidden[0, chunk])
+        with autocast:
+            loss = _kl(base, head(detached[0, chunk]))
+        backward(loss * scale)
+        total += loss.item()
+    if detached.grad is not None:
+        hidden.backward(detached.grad)
     return total
 
 
