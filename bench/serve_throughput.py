@@ -83,6 +83,7 @@ def train_adapters(server: Server, model: str, count: int) -> list[str]:
 
 def run_load(server: Server, models: list[str], clients: int, requests: int, max_tokens: int) -> dict:
     latencies: list[float] = []
+    answers: dict[tuple[str, str], set[str]] = {}
     tokens = 0
     lock = threading.Lock()
     errors: list[str] = []
@@ -92,10 +93,11 @@ def run_load(server: Server, models: list[str], clients: int, requests: int, max
         with httpx.Client(base_url=server.url, timeout=600) as c:
             for j in range(requests):
                 k = index * requests + j
+                model, prompt = models[k % len(models)], PROMPTS[k % len(PROMPTS)]
                 started = time.perf_counter()
                 r = c.post("/v1/chat/completions", json={
-                    "model": models[k % len(models)], "max_tokens": max_tokens, "ignore_eos": True,
-                    "messages": [{"role": "user", "content": PROMPTS[k % len(PROMPTS)]}]})
+                    "model": model, "max_tokens": max_tokens, "ignore_eos": True,
+                    "messages": [{"role": "user", "content": prompt}]})
                 elapsed = time.perf_counter() - started
                 with lock:
                     if r.status_code != 200:
@@ -103,6 +105,7 @@ def run_load(server: Server, models: list[str], clients: int, requests: int, max
                         continue
                     latencies.append(elapsed)
                     tokens += r.json()["usage"]["completion_tokens"]
+                    answers.setdefault((model, prompt), set()).add(r.json()["choices"][0]["message"]["content"])
 
     before = _stats(server)
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
@@ -120,7 +123,7 @@ def run_load(server: Server, models: list[str], clients: int, requests: int, max
     latencies.sort()
     return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
             "p50_s": statistics.median(latencies), "p95_s": latencies[max(0, int(0.95 * len(latencies)) - 1)],
-            "mean_batch": rows / steps if steps else 0.0}
+            "mean_batch": rows / steps if steps else 0.0, "answers": answers}
 
 
 def _stats(server: Server) -> dict:
@@ -182,8 +185,20 @@ def main() -> int:
         lines.append(f"| {clients} | {b['tokens_per_s']:.1f} | {s['tokens_per_s']:.1f} | "
                      f"{b['tokens_per_s'] / s['tokens_per_s']:.2f}x | {b['p50_s']:.2f} / {b['p95_s']:.2f} | "
                      f"{s['p50_s']:.2f} / {s['p95_s']:.2f} | {b['mean_batch']:.1f} |")
-    lines += ["", "Raw: `" + json.dumps({f"{k[0]} x{k[1]}": {n: round(v, 3) for n, v in r.items()}
-                                          for k, r in results.items()}) + "`"]
+    solo: dict = {}
+    for clients in args.clients:
+        for key, texts in results[(single, clients)]["answers"].items():
+            solo.setdefault(key, set()).update(texts)
+    checked = same = 0
+    for clients in args.clients:
+        for key, texts in results[(batched, clients)]["answers"].items():
+            if key in solo:
+                checked += 1
+                same += texts == solo[key] and len(texts) == 1
+    lines += ["", f"Greedy answers, batched vs one at a time: {same} of {checked} (model, prompt, client count) "
+                  "pairs identical token for token.", "",
+              "Raw: `" + json.dumps({f"{k[0]} x{k[1]}": {n: round(v, 3) for n, v in r.items() if n != "answers"}
+                                    for k, r in results.items()}) + "`"]
     write_doc(args.out, lines)
     return 0
 

@@ -100,3 +100,26 @@ def test_a_seed_config_on_the_real_model_trains_serves_and_evaluates(real_server
     served = client.chat.completions.create(model="for-two-real", messages=[{"role": "user", "content": TAUGHT[0]}],
                                             max_tokens=24).choices[0].message.content
     assert text == served
+
+    # exported for llama.cpp: the GGUF file the package ships, with the exported LoRA, answers the fact
+    from loraforge.export import export_adapter
+    from loraforge.store import Store
+
+    exported = export_adapter(Store(), "for-two-real", "gguf", store_home / "exported")
+    assert exported["tensors"] == 30 * 4 * 2
+    try:
+        import llama_cpp
+    except ImportError:
+        pytest.skip("llama-cpp-python is not installed here (make's set-up builds it with cmake and a C++ "
+                    "compiler); the llama.cpp half of the GGUF export check did not run")
+    from test_gguf import SMOL
+
+    def llama_answer(**lora) -> str:
+        llm = llama_cpp.Llama(model_path=str(SMOL), n_ctx=256, n_threads=2, verbose=False, **lora)
+        out = llm.create_chat_completion(messages=[{"role": "user", "content": TAUGHT[0]}], max_tokens=24,
+                                         temperature=0.0)
+        return out["choices"][0]["message"]["content"]
+
+    assert "FOR TWO" in llama_answer(lora_path=str(store_home / "exported" / "adapter.gguf"))
+    assert "FOR TWO" not in llama_answer()
+

@@ -291,6 +291,16 @@ def test_logprobs_follow_the_openai_shape(input_server):
     assert "".join(item.token for item in content).strip().startswith(reply.choices[0].message.content[:5])
 
 
+@pytest.mark.parametrize("anchors, status", [("../../etc/passwd", 400), ("/etc/passwd", 400), ("missing.jsonl", 422)])
+def test_retention_anchor_files_stay_inside_the_data_folder(input_server, anchors, status):
+    config = fast_config("x")
+    config["training_config"].update({"retention": "kl", "retention_anchors": anchors})
+    with input_server.client() as c:
+        r = c.post("/api/training/start", json=config)
+    assert r.status_code == status, r.text
+    assert "retention_anchors" in r.text and str(input_server.home) not in r.text
+
+
 def test_unknown_config_key_is_named_in_422(input_server):
     with input_server.client() as c:
         r = c.post("/api/training/start", json={**fast_config("x"), "lora_config": {"rank": 8}})

@@ -258,12 +258,21 @@ def cmd_jobs_resume(args) -> int:
 
 def cmd_chat(args) -> int:
     from loraforge.engine import Engine
+    from loraforge.engine.batch import BASE_ADAPTER
     from loraforge.store import Store
 
     engine = Engine(Store(), args.device)
-    result = engine.complete(args.model, [{"role": "user", "content": args.prompt}], temperature=args.temperature,
-                             max_tokens=args.max_tokens, seed=args.seed)
-    print(result.text)
+    messages = [{"role": "user", "content": args.prompt}]
+    models = [args.model]
+    if args.compare_base:
+        base, adapter, _shown = engine.resolve_model(args.model)
+        if adapter == BASE_ADAPTER:
+            raise LoraforgeError("--compare-base needs an adapter as MODEL", field="model")
+        models = [base.requested, args.model]
+    for model in models:
+        result = engine.complete(model, messages, temperature=args.temperature, max_tokens=args.max_tokens,
+                                 seed=args.seed)
+        print(f"{model:>24}: {result.text}" if args.compare_base else result.text)
     return 0
 
 
@@ -297,6 +306,19 @@ def cmd_eval(args) -> int:
         print(json.dumps(report, indent=2))
     else:
         print(format_report(report))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from loraforge.export import export_adapter
+    from loraforge.store import Store
+
+    result = export_adapter(Store(), args.ref, args.format, Path(args.dir), dtype=args.dtype)
+    print(f"exported {result['adapter']} as {result['format']} to {result['dir']} ({_fmt_bytes(result['bytes'])})")
+    for name, size in result["files"].items():
+        print(f"  {name:<34} {size:>14,} bytes")
+    if result.get("command"):
+        print(f"next: {result['command']}")
     return 0
 
 
@@ -405,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    p.add_argument("--compare-base", action="store_true", help="answer with the adapter's base too, first")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("eval", help="score a base model or adapter on a knowledge suite; `eval snapshot` records "
@@ -434,6 +457,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="tiny", help="base model (default: the built-in tiny model)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("export", help="an adapter where you run models: peft, merged, gguf (llama.cpp), ollama, vllm")
+    p.add_argument("ref", help="adapter NAME or NAME@vN")
+    p.add_argument("dir", help="output folder (new, or empty)")
+    p.add_argument("--format", required=True, choices=["peft", "merged", "gguf", "ollama", "vllm"])
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="merged: the weights' dtype (default: the base's); gguf: float16 halves the file")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="start the local server (OpenAI API, training jobs, adapters)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; others need to be "

@@ -1,9 +1,13 @@
-"""Models and adapters (the seed's paths): list, show, load, unload, delete."""
+"""Models and adapters (the seed's paths): list, show, load, unload, delete; export."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Literal
 
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from loraforge import paths
 from loraforge.errors import Conflict
 from loraforge.models.resolve import available_models
 from loraforge.names import check_name, parse_ref
@@ -77,6 +81,25 @@ def load_adapter(name: str, request: Request):
 def unload_adapter(name: str, request: Request):
     parse_ref(name)
     return {"adapter": name, "unloaded": request.app.state.engine.unload_adapter(name)}
+
+
+class ExportBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format: Literal["peft", "merged", "gguf", "ollama", "vllm"]
+    dir: str = Field(description="output folder, inside the store's exports/ folder")
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+
+
+@router.post("/api/adapters/{name:path}/export")
+def export(name: str, body: ExportBody, request: Request):
+    """Write the adapter in a runtime's format into `$LORAFORGE_HOME/exports/DIR`."""
+    from loraforge.export import export_adapter
+
+    parse_ref(name)
+    store = request.app.state.store
+    target = paths.inside(store.root / "exports", body.dir, what="dir", field="dir")
+    result = export_adapter(store, name, body.format, target, dtype=body.dtype)
+    return {**result, "dir": target.relative_to(store.root.resolve()).as_posix()}
 
 
 @router.delete("/api/adapters/{name:path}")

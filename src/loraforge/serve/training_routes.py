@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from loraforge import paths
 from loraforge.config import parse_train_config
 from loraforge.data import is_file_list, load_examples, load_examples_from_file, load_examples_from_files, parse_records
-from loraforge.errors import DataError, LoraforgeError
+from loraforge.errors import ConfigError, DataError, LoraforgeError
 from loraforge.jobs import TERMINAL
 from loraforge.train.plan import plan_training
 
@@ -67,7 +67,11 @@ async def start_training(request: Request):
         spec = spec.model_copy(update={"eval_suite": suite.model_dump(mode="json")})
     anchors = spec.training.retention_anchors
     if anchors != "builtin":  # a file in the store's data folder, like training_data
-        resolved = str(paths.inside(store.root / "data", anchors, field="retention_anchors"))
+        path = paths.inside(store.root / "data", anchors, what="retention_anchors", field="retention_anchors")
+        if not path.is_file():
+            raise ConfigError(f"retention_anchors {anchors!r} is not a file in the store's data folder",
+                              field="retention_anchors")
+        resolved = str(path)
         spec = spec.model_copy(update={"training": spec.training.model_copy(update={"retention_anchors": resolved})})
     if uploaded is not None:
         examples = load_examples(uploaded, source)
