@@ -327,9 +327,32 @@ def test_api_key_guards_everything_but_health(store_home, tiny_dir):
             assert c.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
             assert c.get("/v1/models", headers={"Authorization": "Bearer sekret"}).status_code == 200
             # a Host header naming /health does not open another path
-            assert c.get("/api/adapters", headers={"Host": "example.com/health"}).status_code == 401
+            assert c.get("/api/adapters", headers={"Host": "localhost/health"}).status_code == 401
+            assert c.get("/api/adapters", headers={"Host": "example.com/health"}).status_code == 403
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("headers, status", [
+    ({"Host": "attacker.example:5001"}, 403),  # DNS rebinding: a page's own name, resolved to 127.0.0.1
+    ({"Host": "127.0.0.1.attacker.example"}, 403),
+    ({"Origin": "http://attacker.example"}, 403),  # a page elsewhere posting to localhost
+    ({"Host": "localhost:5001"}, 200),
+    ({"Host": "[::1]:5001", "Origin": "http://127.0.0.1:5001"}, 200),
+])
+def test_only_requests_addressed_to_this_machine_are_answered(input_server, headers, status):
+    with input_server.client() as c:
+        assert c.get("/api/adapters", headers=headers).status_code == status
+        r = c.post("/api/training/start", json=fast_config("rebound"), headers=headers)
+        assert r.status_code == (403 if status == 403 else 202), r.text
+        if status == 200:
+            assert wait_for_job(c, r.json()["job_id"])["status"] in ("succeeded", "failed")
+
+
+def test_trust_remote_code_is_refused_over_http(input_server):
+    with input_server.client() as c:
+        r = c.post("/api/training/start", json={**fast_config("remote"), "trust_remote_code": True})
+    assert r.status_code == 400 and "trust_remote_code" in r.text
 
 
 def test_eval_endpoint_scores_base_and_adapter_and_keeps_the_report(server):

@@ -357,7 +357,8 @@ def cmd_serve(args) -> int:
         for entry in schedule:
             print(f"nightly: {entry.adapter} at {entry.at} from data/{entry.inbox}/", flush=True)
     app = create_app(device=args.device, max_jobs=args.max_jobs, preload=preload, schedule=schedule,
-                     max_batch=args.max_batch, max_queued=args.max_queued)
+                     max_batch=args.max_batch, max_queued=args.max_queued,
+                     allowed_hosts=[] if args.host in ("0.0.0.0", "::") else [args.host])
     print(f"loraforge {__version__} serving on http://{args.host}:{args.port} (docs at /docs)", flush=True)
     if args.model:
         print(f"try: curl http://{args.host}:{args.port}/v1/chat/completions -H 'Content-Type: application/json' "

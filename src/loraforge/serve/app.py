@@ -88,6 +88,41 @@ class Draining:
         return await self.app(scope, receive, send)
 
 
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def _hostname(value: str) -> str:
+    """'127.0.0.1:5001' -> '127.0.0.1', '[::1]:5001' -> '::1', 'http://localhost:5001' -> 'localhost'."""
+    value = value.split("://", 1)[-1].split("/", 1)[0].strip().lower()
+    if value.startswith("["):
+        return value[1:].split("]", 1)[0]
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+class HostCheck:
+    """Pure ASGI middleware against DNS rebinding: a page on another site that resolves its own name to
+    127.0.0.1 reaches this server with its name in `Host` (and in `Origin`). Only the names the server
+    was started for are answered; anything else is 403. `/health` too, so a rebinding page learns
+    nothing."""
+
+    def __init__(self, app, allowed: frozenset[str]):
+        self.app = app
+        self.allowed = allowed
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        host = _hostname(headers.get(b"host", b"").decode("latin-1"))
+        origin = headers.get(b"origin")
+        origin_host = _hostname(origin.decode("latin-1")) if origin and origin != b"null" else None
+        if host not in self.allowed or (origin_host is not None and origin_host not in self.allowed):
+            return await _send_json(send, 403, "this server answers only requests addressed to "
+                                    f"{', '.join(sorted(self.allowed))} (set LORAFORGE_ALLOWED_HOSTS to add names)",
+                                    "forbidden_host")
+        return await self.app(scope, receive, send)
+
+
 class ApiKey:
     """Pure ASGI middleware: with an API key set, every path but /health needs `Bearer KEY`.
 
@@ -162,7 +197,7 @@ class DrainingServer:
 def create_app(store: Store | None = None, *, device: str = "auto", max_jobs: int | None = None,
                max_body: int | None = None, api_key: str | None = None, preload: list[str] | None = None,
                scheduler: bool = True, schedule: list | None = None, max_batch: int = 16,
-               max_queued: int = 64) -> FastAPI:
+               max_queued: int = 64, allowed_hosts: list[str] | None = None) -> FastAPI:
     store = store or Store()
     queue = JobQueue(store)
     engine = Engine(store, device, max_batch=max_batch, max_queued=max_queued)
@@ -234,4 +269,7 @@ def create_app(store: Store | None = None, *, device: str = "auto", max_jobs: in
     key = api_key if api_key is not None else os.environ.get("LORAFORGE_API_KEY")
     if key:
         app.add_middleware(ApiKey, key=key)
+    extra = [h.strip().lower() for h in os.environ.get("LORAFORGE_ALLOWED_HOSTS", "").split(",") if h.strip()]
+    if "*" not in extra:
+        app.add_middleware(HostCheck, allowed=LOOPBACK_HOSTS | set(allowed_hosts or ()) | set(extra))
     return app
