@@ -121,3 +121,37 @@ def test_export_over_http_stays_inside_the_store(trained, store_home):
     finally:
         srv.stop()
     assert not (store_home.parent / "escape").exists()
+
+
+def test_import_checks_the_folder_before_anything_is_stored(trained, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    store = Store()
+    good = tmp_path / "good"
+    shutil.copytree(trained.path, good)
+    assert store.import_peft_dir(good, "copied").ref == "copied@v1"
+
+    def variant(name, change):
+        folder = tmp_path / name
+        shutil.copytree(trained.path, folder)
+        change(folder)
+        return folder
+
+    weights = load_file(str(trained.path / "adapter_model.safetensors"))
+    first = next(iter(weights))
+    cases = {
+        "symbolic link": variant("link", lambda f: ((f / "adapter_model.safetensors").unlink(),
+                                                    (f / "adapter_model.safetensors").symlink_to("/etc/passwd"))),
+        "not a readable safetensors": variant("text", lambda f: (f / "adapter_model.safetensors").write_text("x" * 64)),
+        "is not a LoRA weight": variant("foreign", lambda f: save_file(
+            {**weights, "model.layers.0.mlp.up_proj.weight": torch.zeros(4, 4)}, str(f / "adapter_model.safetensors"))),
+        "has rank": variant("rank", lambda f: save_file({**weights, first: torch.zeros(3, weights[first].shape[1])},
+                                                        str(f / "adapter_model.safetensors"))),
+    }
+    for message, folder in cases.items():
+        with pytest.raises(LoraforgeError, match=message):
+            store.import_peft_dir(folder, "bad")
+    assert {row["name"] for row in store.list()} == {"copied", "exp"}
+    assert not (store.root / "adapters" / "bad").exists()

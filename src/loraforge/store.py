@@ -434,10 +434,16 @@ class Store:
                 raise IntegrityError(f"{source.name}: adapter_model.bin is a pickle; loraforge imports "
                                      "safetensors only (convert it first)")
             raise NotFound(f"{source.name}: no adapter_model.safetensors", field="path")
+        for file in ("adapter_config.json", "adapter_model.safetensors", "loraforge.json", "README.md"):
+            if (source / file).is_symlink():
+                raise IntegrityError(f"{source.name}: {file} is a symbolic link; import real files only")
         try:
             peft_config = json.loads(config_file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise IntegrityError(f"{source.name}: adapter_config.json is not valid JSON") from None
+        if not isinstance(peft_config, dict):
+            raise IntegrityError(f"{source.name}: adapter_config.json is not a JSON object")
+        _check_lora_weights(weights, peft_config, source.name)
         staged = self.new_tmp_dir()
         staged.mkdir(parents=True)
         for file in ("adapter_config.json", "adapter_model.safetensors", "loraforge.json", "README.md"):
@@ -475,3 +481,36 @@ class Store:
             raise IntegrityError(f"adapter {version.ref} was modified on disk ({', '.join(changed)}); "
                                  "refusing to load it")
         return version.path
+
+
+def _check_lora_weights(weights: Path, peft_config: dict, label: str) -> None:
+    """Before anything is stored: the file is safetensors, holds only LoRA A/B (or saved-module) weights,
+    and each A/B pair has the rank the config declares."""
+    import re
+
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise IntegrityError(f"{label}: adapter_model.safetensors is not a readable safetensors file "
+                             f"({type(exc).__name__})") from None
+    if not shapes:
+        raise IntegrityError(f"{label}: adapter_model.safetensors holds no tensors")
+    r = peft_config.get("r")
+    ranks = peft_config.get("rank_pattern") or {}
+    saved = tuple(peft_config.get("modules_to_save") or ())
+    lora = re.compile(r"\.lora_(A|B)(\.[^.]+)?\.weight$")
+    for key, shape in shapes.items():
+        match = lora.search(key)
+        if match is None:
+            if any(f".{m}." in key or key.endswith(f".{m}.weight") for m in saved) or "modules_to_save" in key:
+                continue
+            raise IntegrityError(f"{label}: tensor {key!r} is not a LoRA weight")
+        if len(shape) != 2:
+            raise IntegrityError(f"{label}: LoRA tensor {key!r} has shape {list(shape)}, not a matrix")
+        rank = shape[0] if match.group(1) == "A" else shape[1]
+        if isinstance(r, int) and not ranks and rank != r:
+            raise IntegrityError(f"{label}: LoRA tensor {key!r} has rank {rank}, adapter_config.json says r={r}")
+
