@@ -179,13 +179,25 @@ class JobQueue:
                 self._event(db, job_id, "state", {"status": "interrupted", "error": reason})
         return bool(changed)
 
+    def lock_file(self, job_id: str) -> Path:
+        return paths.inside(self.store.root / "jobs", f"{job_id}.lock")
+
+    def worker_alive(self, job_id: str, pid: int | None) -> bool:
+        """Whether the job's worker still runs: it holds an exclusive lock on the job's lock file for its
+        whole life, and the kernel drops that lock when the process ends (a dead, not-yet-reaped or
+        PID-reusing process cannot hold it). Workers from before the lock file: by PID."""
+        lock = self.lock_file(job_id)
+        if lock.is_file():
+            return not try_lock(lock)
+        return pid is not None and pid_alive(pid)
+
     def recover(self) -> list[str]:
         """At start-up: every job left `running` whose worker is gone becomes `interrupted`."""
         with self.store.reading() as db:
             rows = db.execute("SELECT id, pid FROM jobs WHERE status = 'running'").fetchall()
         recovered = []
         for row in rows:
-            if row["pid"] is None or not pid_alive(row["pid"]):
+            if not self.worker_alive(row["id"], row["pid"]):
                 if self.mark_interrupted(row["id"], "the worker stopped while the job was running"):
                     recovered.append(row["id"])
         return recovered
@@ -207,6 +219,28 @@ class JobQueue:
             rows = db.execute("SELECT id, type, data_json FROM job_events WHERE job_id = ? AND id > ? ORDER BY id",
                               (job_id, last_id)).fetchall()
         return [(r["id"], r["type"], json.loads(r["data_json"])) for r in rows]
+
+
+def try_lock(path: Path) -> bool:
+    """Take and release the exclusive lock on `path` at once; False when another process holds it."""
+    import fcntl
+
+    with open(path, "a+b") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return True
+
+
+def hold_lock(path: Path):
+    """Hold an exclusive lock on `path` until the returned file is closed or the process ends."""
+    import fcntl
+
+    handle = open(path, "a+b")  # noqa: SIM115 - kept open on purpose: the lock lives as long as the process
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return handle
 
 
 def pid_alive(pid: int) -> bool:

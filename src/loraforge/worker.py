@@ -15,7 +15,7 @@ from loraforge import paths
 from loraforge.config import TrainSpec
 from loraforge.data import load_examples_from_file
 from loraforge.errors import LoraforgeError
-from loraforge.jobs import JobQueue
+from loraforge.jobs import JobQueue, hold_lock
 from loraforge.pipeline import train_into_store
 from loraforge.store import Store
 from loraforge.train.plan import plan_training
@@ -28,6 +28,10 @@ def run_job(job_id: str) -> int:
     job = queue.get(job_id)
     if job.status != "running":
         return 0
+    try:
+        _lock = hold_lock(queue.lock_file(job_id))  # how a restarted server tells this process is alive
+    except OSError:
+        return 0  # another worker already runs this job
     last_check = [0.0, False]
 
     def should_stop() -> bool:
