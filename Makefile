@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # (on our CPU machines a local CPU wheel). Override with `make TORCH_SPEC='torch==2.5.1' ...`.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup run test clean postgres llamacpp
+.PHONY: setup run test clean postgres llamacpp chromium
 # llama.cpp for the GGUF export check: llama-cpp-python builds from source (cmake + a C++ compiler, from apt
 # where missing); pip caches the wheel, so a machine builds it once. Portable build (no -march=native).
 LLAMA_CPP_SPEC ?= llama-cpp-python==0.3.36
@@ -42,6 +42,15 @@ llamacpp: setup
 	  CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q \
 	    "$(LLAMA_CPP_SPEC)" || echo "llama-cpp-python could not be built: the llama.cpp export check is skipped"; }
 
+# The dashboard tests drive Debian's chromium (Playwright cannot download its browsers here); installed via
+# apt where missing and we may. Elsewhere those tests are skipped and say why.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	{ command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }; }; } || \
+	echo "chromium not installed: the dashboard tests will be skipped"
+
 # The shared-study tuning test starts its own PostgreSQL server; install the server where it is missing and
 # we may (Debian/Ubuntu as root). Elsewhere that one test is skipped and says why.
 postgres:
@@ -55,7 +64,7 @@ postgres:
 # the cores. `make test PYTEST_WORKERS=0` runs it in one process.
 PYTEST_WORKERS ?= 2
 
-test: setup postgres llamacpp
+test: setup postgres llamacpp chromium
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS)
 
 clean:

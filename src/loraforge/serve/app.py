@@ -10,6 +10,7 @@ import hmac
 import json
 import logging
 import os
+from pathlib import Path
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -134,8 +135,9 @@ class ApiKey:
         self.key = key.encode()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope.get("path") == "/health":
-            return await self.app(scope, receive, send)
+        path = scope.get("path") or ""
+        if scope["type"] != "http" or path in ("/health", "/") or path.startswith("/static/"):
+            return await self.app(scope, receive, send)  # the page and its files hold no data; it asks for the key
         headers = dict(scope.get("headers") or [])
         auth = headers.get(b"authorization", b"")
         scheme, _, token = auth.partition(b" ")
@@ -253,8 +255,19 @@ def create_app(store: Store | None = None, *, device: str = "auto", max_jobs: in
     def health():
         return {"status": "ok", "version": __version__, "device": engine.placement.device}
 
+    from fastapi.responses import FileResponse
+    from fastapi.staticfiles import StaticFiles
+
     from loraforge.serve import (continuous_routes, eval_routes, openai_routes, registry_routes, training_routes,
                                  tuning_routes)
+
+    static = Path(__file__).resolve().parent / "static"
+    app.mount("/static", StaticFiles(directory=static), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def dashboard():
+        """The dashboard: one page over the same HTTP API (files inside the package, nothing from a CDN)."""
+        return FileResponse(static / "index.html", headers={"Cache-Control": "no-cache"})
 
     app.include_router(training_routes.router)
     app.include_router(continuous_routes.router)  # before registry's {name:path} routes

@@ -37,6 +37,15 @@ def run_eval(body: EvalRequest, request: Request):
                     temperature=body.temperature, top_p=body.top_p, max_tokens=body.max_tokens, seed=body.seed)
 
 
+@router.get("/api/suites")
+def list_suites(request: Request):
+    """Suite files in the store's suites folder (names for `suite` in /api/evals/run)."""
+    folder = request.app.state.store.root / "suites"
+    names = sorted(p.name for p in folder.glob("*") if p.suffix in (".yaml", ".yml", ".json") and p.is_file()) \
+        if folder.is_dir() else []
+    return {"suites": names}
+
+
 @router.get("/api/evals/{eval_id}")
 def get_eval(eval_id: str, request: Request):
     return request.app.state.store.eval_report(eval_id)
