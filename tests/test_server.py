@@ -478,5 +478,7 @@ def test_tuning_over_http_runs_as_a_job_and_reports_trials(server, store_home):
         assert {t["rank"] for t in status["trials"]} <= {2, 4} and all("latency" in t for t in status["trials"])
         assert status["best"]["api-marketing"]["accuracy"] == max(t["accuracy"] for t in status["trials"])
         assert status["result"].startswith("api-marketing: best")
+        [summary] = status["summaries"]  # what the dashboard draws: best trials, importance (None under 3 trials)
+        assert summary["study"] == "api-marketing" and "importance" in summary and "plots" not in summary
         assert c.get("/api/tuning/nope").status_code == 404
     assert (store_home / "tuning" / "api" / "marketing" / "report.md").is_file()

@@ -97,6 +97,8 @@ def _tune(store, queue, job, should_stop, log) -> str:
     spec = TuneSpec.model_validate(job.spec)
     summaries = run_tuning(spec, base_dir=store.root, on_trial=lambda row: queue.add_event(job.id, "trial", row),
                            log=log, should_stop=should_stop)
+    for s in summaries:  # best trials and parameter importance, for the API and the dashboard
+        queue.add_event(job.id, "summary", {k: v for k, v in s.items() if k != "plots"})
     parts = []
     for s in summaries:
         best = s["best"][0] if s.get("best") else None

@@ -34,6 +34,34 @@ def serving(request: Request):
                        "adapters": sorted(b.adapters), **b.scheduler.load()} for b in list(engine.bases.values())]}
 
 
+class ImportBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source: str = Field(min_length=1, max_length=300, description="a catalog model shipped as GGUF, ollama:NAME[:TAG], "
+                                                                  "or a .gguf file name in the store's data folder")
+
+
+@router.post("/api/models/import")
+def import_model(body: ImportBody, request: Request):
+    """Convert a GGUF model once (as `loraforge models import`); file paths are kept inside data/."""
+    from loraforge.errors import ConfigError
+    from loraforge.models import gguf, resolve_base_model
+    from loraforge.models.resolve import gguf_source
+
+    source = body.source
+    if source.lower().endswith(".gguf"):
+        source = str(paths.inside(request.app.state.store.root / "data", source, what="source", field="source"))
+    found = gguf_source(resolve_base_model(source))
+    if found is None:
+        raise ConfigError(f"source {body.source!r} is not a GGUF model (a .gguf file in data/, ollama:NAME, or a catalog "
+                          "model shipped as GGUF)", field="source")
+    folder = gguf.import_gguf(found[0], expected_sha256=found[1])
+    import json as _json
+
+    info = _json.loads((folder / gguf.MANIFEST).read_text())
+    return {"source": body.source, "architecture": info["architecture"], "parameters": info["parameters"],
+            "dtype": info["dtype"], "sha256": info["source"]["sha256"], "ready": True}
+
+
 @router.post("/api/models/{model_id:path}/load")
 def load_model(model_id: str, request: Request):
     base = request.app.state.engine.load_base(model_id)

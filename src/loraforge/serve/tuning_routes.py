@@ -49,9 +49,11 @@ def tuning_status(job_id: str, request: Request):
     job = queue.get(job_id)
     if job.kind != "tune":
         raise NotFound(f"job {job_id} is not a tuning job")
-    trials = [data for _id, type_, data in queue.events_after(job_id, 0) if type_ == "trial"]
+    events = queue.events_after(job_id, 0)
+    trials = [data for _id, type_, data in events if type_ == "trial"]
+    summaries = [data for _id, type_, data in events if type_ == "summary"]
     best: dict[str, dict] = {}
     for row in trials:
         if row.get("state") == "complete" and (row["study"] not in best or row["accuracy"] > best[row["study"]]["accuracy"]):
             best[row["study"]] = row
-    return {**job.public(), "trials": trials, "best": best}
+    return {**job.public(), "trials": trials, "best": best, "summaries": summaries}

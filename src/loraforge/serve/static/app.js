@@ -318,9 +318,33 @@ async function showStudy(jobId) {
       el("td", {}, Number.isFinite(best) ? `${(best * 100).toFixed(1)}%` : ""),
       el("td", {}, JSON.stringify(t.params || {})));
   });
-  $("tuning-detail").replaceChildren(el("h3", {}, `Study job ${jobId.slice(0, 8)}: ${data.status}`),
+  const chart = el("div", {});
+  chart.innerHTML = bestSoFarSvg(trials);
+  const importance = (data.summaries || []).filter((s) => s.importance).map((s) => el("div", {},
+    el("h4", {}, `Parameter importance: ${s.study}`),
+    el("table", { class: "importance" }, el("tbody", {}, ...Object.entries(s.importance).map(([k, v]) =>
+      el("tr", {}, el("td", {}, k), el("td", {}, `${(v * 100).toFixed(0)}%`),
+        el("td", {}, el("div", { class: "bar", style: `width:${Math.round(v * 300)}px` }))))))));
+  $("tuning-detail").replaceChildren(el("h3", {}, `Study job ${jobId.slice(0, 8)}: ${data.status}`), chart,
+    ...importance,
     el("table", {}, el("thead", {}, el("tr", {}, el("th", {}, "study"), el("th", {}, "trial"), el("th", {}, "accuracy"),
       el("th", {}, "best so far"), el("th", {}, "parameters"))), el("tbody", {}, ...rows)));
+}
+
+function bestSoFarSvg(trials) {
+  const done = trials.filter((t) => t.accuracy != null);
+  if (!done.length) return "";
+  const W = 600, H = 180, pad = 30;
+  let best = -Infinity;
+  const pts = done.map((t, i) => { best = Math.max(best, t.accuracy); return [i + 1, t.accuracy, best]; });
+  const x = (i) => pad + (i / Math.max(pts.length, 1)) * (W - 2 * pad);
+  const y = (v) => H - pad - v * (H - 2 * pad);
+  const dots = pts.map((p) => `<circle cx="${x(p[0])}" cy="${y(p[1])}" r="3" fill="#999"/>`).join("");
+  const line = pts.map((p) => `${x(p[0])},${y(p[2])}`).join(" ");
+  return `<svg viewBox="0 0 ${W} ${H}" class="best-chart" role="img" aria-label="best accuracy so far">` +
+    `<text x="6" y="14" font-size="12">accuracy per trial (dots) and best so far (line)</text>` +
+    `<line x1="${pad}" y1="${H - pad}" x2="${W - pad}" y2="${H - pad}" stroke="#999"/>${dots}` +
+    `<polyline points="${line}" fill="none" stroke="#2d5be3" stroke-width="2"/></svg>`;
 }
 
 // ---- chat -------------------------------------------------------------------------------------------------
@@ -387,5 +411,15 @@ loaders.models = async () => {
     el("td", {}, b.tokens_generated))));
 };
 
+$("import-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  $("import-error").textContent = "converting…";
+  try {
+    const info = await api("POST", "/api/models/import", { source: $("import-source").value.trim() });
+    $("import-error").textContent = "";
+    setStatus(`${info.source}: ${info.architecture}, ${info.parameters.toLocaleString()} parameters, ready`);
+    await loaders.models();
+  } catch (e) { $("import-error").textContent = e.message; }
+});
 $("key-form").addEventListener("submit", () => {});
 showTab();
