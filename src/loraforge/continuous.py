@@ -154,11 +154,15 @@ def run_update(store: Store, name: str, new: list[Example], suite: Suite | None,
         suites[suite.name] = suite
     engine = Engine(store, device)
     scores, parent_scores = {}, {}
-    for suite_name, one in sorted(suites.items()):
-        scores[suite_name] = evaluate(engine, store, one, adapter=version.ref)["scores"]
-        parent_scores[suite_name] = _stored_scores(store, parent, one) or evaluate(
-            engine, store, one, adapter=parent.ref)["scores"]
-        log(f"suite {suite_name}: parent {_fmt(parent_scores[suite_name])} | candidate {_fmt(scores[suite_name])}")
+    try:
+        for suite_name, one in sorted(suites.items()):
+            scores[suite_name] = evaluate(engine, store, one, adapter=version.ref)["scores"]
+            parent_scores[suite_name] = _stored_scores(store, parent, one) or evaluate(
+                engine, store, one, adapter=parent.ref)["scores"]
+            log(f"suite {suite_name}: parent {_fmt(parent_scores[suite_name])} | candidate "
+                f"{_fmt(scores[suite_name])}")
+    finally:
+        engine.close()  # its decode threads and the base it loaded go with it
     decision = decide_promotion(scores, {k: v for k, v in parent_scores.items() if k in earlier},
                                 suite.name if suite else None, options.policy)
     store.record_decision(name, version.version, decision.to_json(),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import threading
+import weakref
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -82,8 +83,10 @@ class Engine:
         self.max_queued = max_queued
         self.bases: dict[str, LoadedBase] = {}
         self._lock = threading.Lock()
-        # stop the decode threads before the interpreter tears torch down under them
-        atexit.register(self.close)
+        # stop the decode threads before the interpreter tears torch down under them (a weak reference:
+        # the hook must not keep a closed engine's models alive)
+        me = weakref.ref(self)
+        atexit.register(lambda: (engine := me()) is not None and engine.close())
 
     # ---- loading ---------------------------------------------------------------------------------------
     def load_base(self, name: str) -> LoadedBase:
@@ -119,7 +122,10 @@ class Engine:
         return any(b.scheduler.load()["running"] or b.scheduler.load()["waiting"] for b in list(self.bases.values()))
 
     def close(self) -> None:
-        for base in list(self.bases.values()):
+        """Stop every decode thread and drop the loaded bases (a later request loads again)."""
+        with self._lock:
+            bases, self.bases = list(self.bases.values()), {}
+        for base in bases:
             base.scheduler.stop()
 
     def is_base_name(self, name: str) -> bool:
