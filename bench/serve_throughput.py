@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -122,7 +123,8 @@ def run_load(server: Server, models: list[str], clients: int, requests: int, max
     rows = after["rows_decoded"] - before["rows_decoded"]
     latencies.sort()
     return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
-            "p50_s": statistics.median(latencies), "p95_s": latencies[max(0, int(0.95 * len(latencies)) - 1)],
+            "p50_s": statistics.median(latencies),
+            "p95_s": latencies[min(len(latencies) - 1, math.ceil(0.95 * len(latencies)) - 1)],
             "mean_batch": rows / steps if steps else 0.0, "answers": answers}
 
 
