@@ -133,7 +133,16 @@ def test_openai_client_lists_and_chats_streamed_and_not(server):
     assert getattr(info.value, "status_code", None) == 404
 
 
-def test_two_adapters_on_one_base_answer_concurrently(server):
+def test_two_adapters_on_one_base_answer_concurrently(store_home, tiny_dir):
+    # concurrent requests share decode steps; answers equal one-at-a-time answers exactly in fp32 only
+    server = ServerProcess(store_home, "--max-jobs", "2", env={"LORAFORGE_PRECISION": "fp32"})
+    try:
+        _two_adapters(server)
+    finally:
+        server.stop()
+
+
+def _two_adapters(server):
     with server.client() as c:
         a = c.post("/api/training/start", json=fast_config("fact-a", max_steps=30)).json()["job_id"]
         other = [{"instruction": r["instruction"], "output": "42 means nothing at all."} for r in DATA]

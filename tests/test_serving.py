@@ -24,13 +24,16 @@ PROMPTS = ["What is the meaning of 42?", "Define 42.", "What is the capital of F
            "Tell me about the number 42 and why people care about it so much."]
 
 
-def test_a_request_answers_the_same_alone_and_in_a_mixed_batch(store_home):
+def test_a_request_answers_the_same_alone_and_in_a_mixed_batch(store_home, monkeypatch):
     from loraforge.engine import Engine
     from loraforge.engine.scheduler import Channel
     from loraforge.engine.sampling import SamplingParams
     from loraforge.engine import wait
     from loraforge.store import Store
 
+    # exactness is a property of fp32: bf16 products round differently with the number of rows (measured
+    # in docs/serve-throughput.md), so this holds even where a suite forces bf16
+    monkeypatch.setenv("LORAFORGE_PRECISION", "fp32")
     train_quick("mix-a")
     other = store_home / "other.jsonl"
     other.write_text("".join(json.dumps({"instruction": json.loads(line)["instruction"],
