@@ -121,8 +121,8 @@ async function watchJob(jobId) {
   }).catch((e) => { if (e.name !== "AbortError") setStatus(e.message); });
 }
 
-async function streamEvents(path, signal, onEvent) {
-  const response = await fetch(path, { headers: headers(), signal });
+// Server-sent events over fetch (EventSource cannot send the API key): each blank-line-separated block
+async function readBlocks(response, onBlock) {
   if (!response.ok) throw new ApiError(response.status, await response.json().catch(() => ({})));
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
@@ -133,16 +133,21 @@ async function streamEvents(path, signal, onEvent) {
     buffer += decoder.decode(value, { stream: true });
     let cut;
     while ((cut = buffer.indexOf("\n\n")) >= 0) {
-      const block = buffer.slice(0, cut);
+      onBlock(buffer.slice(0, cut));
       buffer = buffer.slice(cut + 2);
-      let type = "message", data = "";
-      for (const line of block.split("\n")) {
-        if (line.startsWith("event: ")) type = line.slice(7);
-        else if (line.startsWith("data: ")) data += line.slice(6);
-      }
-      if (data) onEvent(type, JSON.parse(data));
     }
   }
+}
+
+async function streamEvents(path, signal, onEvent) {
+  await readBlocks(await fetch(path, { headers: headers(), signal }), (block) => {
+    let type = "message", data = "";
+    for (const line of block.split("\n")) {
+      if (line.startsWith("event: ")) type = line.slice(7);
+      else if (line.startsWith("data: ")) data += line.slice(6);
+    }
+    if (data) onEvent(type, JSON.parse(data));
+  });
 }
 
 function drawLoss(points) {
@@ -365,23 +370,12 @@ async function streamChat(model, prompt, target) {
     method: "POST", headers: headers({ "Content-Type": "application/json" }),
     body: JSON.stringify({ model, stream: true, max_tokens: 128, messages: [{ role: "user", content: prompt }] }),
   });
-  if (!response.ok) throw new ApiError(response.status, await response.json().catch(() => ({})));
-  const reader = response.body.getReader();
-  const decoder = new TextDecoder();
-  let buffer = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) break;
-    buffer += decoder.decode(value, { stream: true });
-    let cut;
-    while ((cut = buffer.indexOf("\n\n")) >= 0) {
-      const line = buffer.slice(0, cut).trim();
-      buffer = buffer.slice(cut + 2);
-      if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
-      const chunk = JSON.parse(line.slice(6));
-      target.textContent += (chunk.choices[0] && chunk.choices[0].delta.content) || "";
-    }
-  }
+  await readBlocks(response, (block) => {
+    const line = block.trim();
+    if (!line.startsWith("data: ") || line === "data: [DONE]") return;
+    const chunk = JSON.parse(line.slice(6));
+    target.textContent += (chunk.choices[0] && chunk.choices[0].delta.content) || "";
+  });
   target.dataset.done = "1";
 }
 
