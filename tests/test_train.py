@@ -199,7 +199,7 @@ def test_every_command_has_help(command):
 
 
 def test_validate_prints_resolved_config(tiny_dir):
-    result = run_cli("validate", str(EXAMPLES / "knowledge-override" / "v1_surgical.json"))
+    result = run_cli("validate", str(EXAMPLES / "knowledge-override" / "v1_surgical.json"), "--json", "--no-calibrate")
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert out["resolved"]["name"] == "for-two-surgical" and out["data"]["examples"] == 24

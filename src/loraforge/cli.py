@@ -82,6 +82,7 @@ def _fmt_bytes(n: int) -> str:
 
 # ---- commands ------------------------------------------------------------------------------------------------
 def cmd_validate(args) -> int:
+    from loraforge.train import estimate as est
     from loraforge.train.plan import plan_training
 
     spec, examples, source = _load_spec(args)
@@ -89,17 +90,80 @@ def cmd_validate(args) -> int:
     out = {"resolved": {**plan.spec.resolved(), "max_seq_length": plan.max_seq_length},
            "notes": list(plan.spec.notes), "plan": plan.summary(),
            "data": {"source": source, "examples": len(examples)}}
-    if examples and plan.model.kind == "tiny":
-        from loraforge.data import tokenize_examples
-        from loraforge.models.resolve import model_folder
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(model_folder(plan.model))
-        data = tokenize_examples(tokenizer, examples, max_seq_length=plan.max_seq_length,
-                                 train_on_inputs=spec.training.train_on_inputs, source=source)
+    data = est.tokenized(plan, examples)  # with the model's own tokenizer, where it is on this machine
+    if data:
         out["data"]["trained_tokens"] = sum(d.trained_tokens for d in data)
-    print(json.dumps(out, indent=2))
+    estimate, arch, settings = est.for_plan(plan, data=data)
+    limit = est.machine_memory(settings.device)
+    memory = {**estimate.as_dict(), "device": settings.device, "precision": settings.precision,
+              "quantization": settings.quantization, "machine_bytes": limit,
+              "fits": None if limit is None else estimate.total <= limit}
+    if limit is not None and estimate.total > limit:
+        memory["fixes"] = [{"change": fix, "peak_bytes": peak if peak >= 0 else None}
+                           for fix, peak in est.fixes(plan, estimate, settings, data)]
+    out["memory"] = memory
+    out["serving"] = est.estimate_serving(arch, precision=settings.precision, quantization=settings.quantization,
+                                          context=plan.max_seq_length, device=settings.device)
+    if data:
+        from loraforge.train.calibrate import estimate_time
+
+        fits = limit is None or estimate.total <= limit
+        out["time"] = estimate_time(plan, examples, data, measure=fits and not args.no_calibrate,
+                                    forward_tokens=estimate.forward_tokens,
+                                    log=lambda m: print(m, file=sys.stderr))
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        _print_validation(out, plan)
     return 0
+
+
+def _print_validation(out: dict, plan) -> None:
+    from loraforge.train.estimate import gib
+
+    console = _console()
+    p, m = out["plan"], out["memory"]
+    console.print(f"[bold]{out['resolved']['name']}[/bold] on {p['model']['requested']} ({p['model']['id']}, "
+                  f"{p['model']['parameters']:,} parameters), {m['device']} {m['precision']}"
+                  + (f" {m['quantization']}" if m["quantization"] else ""))
+    for note in out["notes"]:
+        console.print(f"  note: {note}")
+    console.print(f"adapter        {p['lora_parameters']:,} LoRA parameters on {p['adapted_modules']} layers = "
+                  f"{_fmt_bytes(p['theoretical_min_bytes'])} ({out['resolved']['save_dtype']})")
+    data = out["data"]
+    console.print(f"data           {data['examples']} examples from {data['source']}"
+                  + (f", {data['trained_tokens']:,} answer tokens" if "trained_tokens" in data else ""))
+    fits = {True: "[green]fits[/green]", False: "[red]does not fit[/red]", None: "machine memory unknown"}[m["fits"]]
+    machine = f" of {gib(m['machine_bytes'])}" if m["machine_bytes"] else ""
+    console.print(f"peak memory    {gib(m['peak_bytes'])} at {m['peak_phase']}{machine}: {fits} "
+                  f"(largest forward {m['forward_rows']} x {m['forward_tokens']} tokens)")
+    for term, value in m["terms"].items():
+        console.print(f"  {term.replace('_', ' '):<22} {gib(value):>10}")
+    if m["loading_bytes"]:
+        console.print(f"  {'loading the base':<22} {gib(m['loading_bytes']):>10}  (a peak of its own, before training)")
+    for fix in m.get("fixes", []):
+        peak = gib(fix["peak_bytes"]) if fix["peak_bytes"] is not None else "?"
+        console.print(f"  fix: {fix['change']:<28} -> {peak}")
+    s = out["serving"]
+    console.print(f"serving        {gib(s['terms']['weights'])} weights + {gib(s['terms']['kv_cache_per_sequence'])} "
+                  f"KV cache per sequence of {s['context']} tokens")
+    t = out.get("time")
+    if t is None:
+        console.print("time           give the data (training_data or --data) to estimate it")
+    elif t["seconds"] is None:
+        console.print(f"time           {t['planned_tokens']:,} tokens planned; no speed measured for these settings "
+                      "on this machine (drop --no-calibrate to measure it)")
+    else:
+        console.print(f"time           {_fmt_seconds(t['seconds'])}: {t['planned_tokens']:,} tokens x "
+                      f"{t['seconds_per_token'] * 1000:.2f} ms per token ({t['calibrated']}, {t['source']})")
+
+
+def _fmt_seconds(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def cmd_train(args) -> int:
@@ -115,6 +179,14 @@ def cmd_train(args) -> int:
         raise LoraforgeError("no training data: give --data FILE or training_data in the config",
                              field="training_data")
     plan = plan_training(spec)
+    if args.force:
+        plan = plan_training(spec.model_copy(update={"force": True}))
+    from loraforge.train.estimate import refusal, tokenized
+
+    if (why := refusal(plan, tokenized(plan, examples))) is not None:
+        from loraforge.errors import InsufficientMemory
+
+        raise InsufficientMemory(why.replace("Set force: true", "Add --force (or force: true in the config)"), field="force")
     store = Store()
     run_id = spec.name
     step = unfinished_run(store, run_id)
@@ -392,10 +464,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="dtype of the saved weights")
     p.add_argument("--max-steps", type=int, help="stop after N optimizer steps (beats epochs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--force", action="store_true", help="start even when the memory estimate exceeds the machine's")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("validate", help="check a config (and its data) and print the resolved config")
+    p = sub.add_parser("validate", help="check a config (and its data): resolved config, adapter size, "
+                                        "peak memory and training time before training")
     config_args(p)
+    p.add_argument("--json", action="store_true", help="everything as one JSON object")
+    p.add_argument("--no-calibrate", action="store_true", help="do not measure the training speed when none is "
+                   "cached (the time estimate is then left out)")
     p.set_defaults(func=cmd_validate)
 
     models = sub.add_parser("models", help="base models").add_subparsers(dest="models_command", required=True,

@@ -116,6 +116,7 @@ class TrainSpec(BaseModel):
     description: str = ""
     training_data: list[Any] | str | None = None
     trust_remote_code: bool = False
+    force: bool = Field(default=False, description="start even when the memory estimate exceeds the machine's")
     eval_suite: dict[str, Any] | str | None = None
     lora: LoraSettings = LoraSettings()
     training: TrainingSettings = TrainingSettings()
@@ -129,7 +130,7 @@ class TrainSpec(BaseModel):
                 **self.lora.model_dump(), **self.training.model_dump()}
 
 
-_TOP_KEYS = {"name", "model_name", "description", "output_dir", "training_data", "trust_remote_code",
+_TOP_KEYS = {"name", "model_name", "description", "output_dir", "training_data", "trust_remote_code", "force",
              "eval_suite"}
 _LORA_KEYS = set(LoraSettings.model_fields)
 _TRAINING_KEYS = set(TrainingSettings.model_fields)

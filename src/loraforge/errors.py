@@ -23,6 +23,13 @@ class ConfigError(LoraforgeError):
     status = 422
 
 
+class InsufficientMemory(LoraforgeError):
+    """The run's estimated peak memory exceeds what the machine has (the message names the fixes)."""
+
+    code = "insufficient_memory"
+    status = 422
+
+
 class DataError(LoraforgeError):
     code = "invalid_data"
     status = 422

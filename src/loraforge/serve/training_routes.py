@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from loraforge import paths
 from loraforge.config import parse_train_config
 from loraforge.data import is_file_list, load_examples, load_examples_from_file, load_examples_from_files, parse_records
-from loraforge.errors import ConfigError, DataError, LoraforgeError
+from loraforge.errors import ConfigError, DataError, LoraforgeError, InsufficientMemory
 from loraforge.jobs import TERMINAL
 from loraforge.train.plan import plan_training
 
@@ -90,6 +90,10 @@ async def start_training(request: Request):
         raise LoraforgeError("no training data: put records in training_data, name a file in the store's data "
                              "folder, or upload one", field="training_data")
     plan = plan_training(spec)  # every model-dependent check before the job is queued
+    from loraforge.train.estimate import refusal, tokenized
+
+    if (why := refusal(plan, tokenized(plan, examples))) is not None:  # before a worker loads anything
+        raise InsufficientMemory(why, field="force")
     stored = plan.spec.model_copy(update={"training_data": None})
     job = queue.submit(adapter=spec.name, spec=stored.model_dump(mode="json"),
                        records=[{"messages": e.messages} for e in examples],

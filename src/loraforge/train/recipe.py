@@ -91,6 +91,24 @@ class TrainingMonitor(Protocol):
     def summary(self, stopped_at: int | None) -> dict: ...
 
 
+def return_freed_memory() -> None:
+    """Make glibc hand large freed blocks back to the system (a fixed 1 MiB mmap threshold).
+
+    Checkpointing recomputes each layer in the backward; with glibc's default (a threshold that grows
+    with every freed block) the freed activations stay in the heap and the process grew step after step:
+    measured on SmolLM2, 1,024 tokens, all linear layers, peak RSS 1.49 GB after 6 steps where the live
+    tensors never exceeded ~0.8 GB. Checkpointing is chosen to save memory, so here memory wins; the cost
+    is page faults on each large allocation (docs/estimate-accuracy.md). Process-wide; no-op off glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def _file_hash(path: Path) -> str:
     return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -145,6 +163,8 @@ def train(plan: TrainPlan, examples: list[Example], *, run_dir: Path, out_dir: P
     elif t.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
+        if placement.device == "cpu":
+            return_freed_memory()
     lora_config = LoraConfig(
         r=spec.lora.r, lora_alpha=spec.lora.lora_alpha, lora_dropout=spec.lora.lora_dropout,
         target_modules=list(spec.lora.target_modules), bias=spec.lora.bias, task_type=spec.lora.task_type,
