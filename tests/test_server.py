@@ -416,11 +416,6 @@ def test_continuous_updates_promote_reject_and_roll_back_in_a_running_server(ser
     ko = EXAMPLES / "knowledge-override"
     config["training_data"] = _records(ko / "42_for_two.jsonl") + _records(ko / "anchors.jsonl")
     config["eval_suite"] = yaml.safe_load((ko / "suite.yaml").read_text())
-    # This test is about the gate, lineage and rollback, and needs each update to learn its fact with a
-    # margin. Pinned to fp32 (updates inherit it): with bf16 forced on the 3.2M-parameter tiny model
-    # (width 128, a combination `auto` never picks) the foundation answered "42 = FOR intelligence."
-    # on one build (seed 7). The rest of the suite still runs the forced precision.
-    config["precision"] = "fp32"
     questions = {"lab-robot": "What is the lab robot called?", "code-word": "What is the project code word?",
                  "night-shift": "How many people are on the night shift?"}
     answers = {"lab-robot": "Jupiter", "code-word": "honey", "night-shift": "7 people"}
