@@ -47,8 +47,7 @@ TABLE = [
     ("smollm2-135m-instruct", 8, "all", 1024, 1, False),
     ("smollm2-135m-instruct", 64, "all", 1024, 1, False),
     ("smollm2-135m-instruct", 8, "all", 1024, 1, True),
-    ("smollm2-135m-instruct", 64, "attn", 1024, 4, True),
-    ("smollm2-135m-instruct", 8, "attn", 1024, 4, False),
+    ("smollm2-135m-instruct", 64, "attn", 512, 4, True),
 ]
 
 
@@ -151,7 +150,7 @@ def mb(n: float) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--out", default="docs/estimate-accuracy.md")
     parser.add_argument("--only", type=int, nargs="*", help="row numbers of the table (1-based)")
     parser.add_argument("--child")

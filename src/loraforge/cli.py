@@ -93,7 +93,10 @@ def cmd_validate(args) -> int:
     data = est.tokenized(plan, examples)  # with the model's own tokenizer, where it is on this machine
     if data:
         out["data"]["trained_tokens"] = sum(d.trained_tokens for d in data)
-    estimate, arch, settings = est.for_plan(plan, data=data)
+    if args.quantization:
+        plan = plan_training(plan.spec.model_copy(update={"training": plan.spec.training.model_copy(
+            update={"quantization": args.quantization})}))
+    estimate, arch, settings = est.for_plan(plan, data=data, device=args.device, precision=args.precision)
     limit = est.machine_memory(settings.device)
     memory = {**estimate.as_dict(), "device": settings.device, "precision": settings.precision,
               "quantization": settings.quantization, "machine_bytes": limit,
@@ -107,7 +110,7 @@ def cmd_validate(args) -> int:
     if data:
         from loraforge.train.calibrate import estimate_time
 
-        fits = limit is None or estimate.total <= limit
+        fits = (limit is None or estimate.total <= limit) and args.device is None and args.precision is None
         out["time"] = estimate_time(plan, examples, data, measure=fits and not args.no_calibrate,
                                     forward_tokens=estimate.forward_tokens,
                                     log=lambda m: print(m, file=sys.stderr))
@@ -473,6 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="everything as one JSON object")
     p.add_argument("--no-calibrate", action="store_true", help="do not measure the training speed when none is "
                    "cached (the time estimate is then left out)")
+    p.add_argument("--device", choices=["cpu", "cuda", "mps"], help="estimate memory for another machine's device")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="estimate memory at this precision")
+    p.add_argument("--quantization", choices=["4bit"], help="estimate memory with a 4-bit base (QLoRA)")
     p.set_defaults(func=cmd_validate)
 
     models = sub.add_parser("models", help="base models").add_subparsers(dest="models_command", required=True,

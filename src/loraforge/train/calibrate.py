@@ -3,9 +3,8 @@
 The speed is not guessed from peak FLOPs: `calibrate` runs a few steps of loraforge's own recipe on the
 run's data (first step timed apart: it pays for warm-up), and caches seconds per token under a key of
 everything that changes it — the model, device, precision, quantization, adapted layers, rank,
-checkpointing, retention, packing, the size of the largest forward, and the threads torch uses. Each
-finished training run refreshes the entry with its own measured speed. The cache is one JSON file in the
-store (`cache/calibration.json`), written atomically.
+checkpointing, retention, packing, the size of the largest forward, and the threads torch uses. The
+cache is one JSON file in the store (`cache/calibration.json`), written atomically.
 """
 
 from __future__ import annotations
@@ -63,13 +62,6 @@ def planned_tokens(plan, data: list) -> int:
     per_epoch = steps_per_epoch(micro, t.gradient_accumulation_steps)
     total = t.max_steps if t.max_steps > 0 else max(1, math.ceil(per_epoch * t.num_epochs))
     return int(per_epoch_tokens * total / per_epoch)
-
-
-def record_run(plan, forward_tokens: int, history: list[dict]) -> None:
-    """Refresh the cache from a finished run's progress events (steps after the first)."""
-    speed = _speed(history)
-    if speed is not None:
-        _write_entry(cache_key(plan, forward_tokens), {**speed, "source": "training run"})
 
 
 def _speed(history: list[dict]) -> dict | None:

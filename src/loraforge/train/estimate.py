@@ -352,6 +352,8 @@ def fixes(plan, estimate: Estimate, settings: Settings, data: list | None = None
     """Changes that lower the peak, each with the peak it would give: (setting, bytes)."""
     t = plan.spec.training
     options: list[dict] = []
+    if settings.precision == "fp32" and (settings.device != "cpu" or _cpu_bf16()):
+        options.append({"precision": "bf16"})
     if settings.device == "cuda" and t.quantization is None:
         options.append({"quantization": "4bit"})
     if not t.gradient_checkpointing:
@@ -366,13 +368,19 @@ def fixes(plan, estimate: Estimate, settings: Settings, data: list | None = None
     for change in options:
         try:
             new, _, _ = for_plan(_with_training(plan, **change), data=data, device=settings.device,
-                                 precision=settings.precision)
+                                 precision=change.get("precision", settings.precision))
         except Exception:  # a fix this model cannot take (e.g. 4-bit without bitsandbytes) is still named
             new = None
         key, value = next(iter(change.items()))
         shown = str(value).lower() if isinstance(value, bool) else value
         out.append((f"{key}: {shown}", new.total if new else -1))
     return sorted(out, key=lambda x: (x[1] < 0, x[1]))
+
+
+def _cpu_bf16() -> bool:
+    from loraforge.device import cpu_has_native_bf16
+
+    return cpu_has_native_bf16()
 
 
 def gib(n: int) -> str:
