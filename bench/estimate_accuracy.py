@@ -6,9 +6,8 @@ A table of configurations on `tiny` and SmolLM2-135M-Instruct (r 8 and 64; atten
 layers; max_seq_length 128 and 1024; micro-batch 1 and 4; gradient checkpointing on and off). Each runs in
 a fresh process:
 
-1. the estimate, as `loraforge validate` computes it (memory from the model's config; time from the
-   calibration cache, calibrated first when the cache has no speed for these settings, exactly as
-   `loraforge validate` does);
+1. the estimate, as `loraforge validate` computes it (memory from the model's config; time from a
+   calibration of the recipe, on a scratch store whose cache starts empty, as a first `validate` does);
 2. a real training run of `--steps` optimizer steps with loraforge's recipe, in another fresh process:
    measured peak = the process's peak RSS (VmHWM) minus its RSS once torch, transformers and peft are
    imported (on a GPU: `torch.cuda.max_memory_allocated`); measured time = the training loop's seconds.
@@ -31,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _home import command, write_doc  # noqa: E402
+from _home import command, scratch_home, write_doc  # noqa: E402
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ALL = ATTN + ["gate_proj", "up_proj", "down_proj"]
@@ -161,6 +160,7 @@ def main() -> int:
         return 0
     from loraforge.device import cpu_description
 
+    scratch_home("loraforge-estimate-")  # an empty calibration cache: every row calibrates as a first run would
     rows = [TABLE[i - 1] for i in args.only] if args.only else TABLE
     lines = ["# Estimate accuracy: predicted against measured peak memory and training time", "",
              f"Command: `{command('estimate_accuracy.py')}`  ", f"CPU: {cpu_description()}, {os.cpu_count()} cores; "

@@ -91,6 +91,37 @@ class TrainingMonitor(Protocol):
     def summary(self, stopped_at: int | None) -> dict: ...
 
 
+def _estimate(plan, examples, data, placement, log) -> dict | None:
+    """What `loraforge validate` predicted for this run (memory; time where a speed is cached), logged and
+    kept in the manifest beside the measured figures."""
+    from loraforge.train.calibrate import estimate_time
+    from loraforge.train.estimate import for_plan, gib
+
+    try:
+        memory, _, _ = for_plan(plan, data=data, device=placement.device, precision=placement.precision)
+        timing = estimate_time(plan, examples, data, forward_tokens=memory.forward_tokens)
+    except Exception as exc:  # an estimate never stops a run
+        log(f"estimate: not available ({type(exc).__name__}: {str(exc)[:120]})")
+        return None
+    log(f"estimate: peak memory {gib(memory.total)} ({memory.phase})"
+        + (f", {timing['seconds']:.0f} s of training" if timing["seconds"] is not None else ""))
+    return {"peak_bytes": memory.total, "peak_phase": memory.phase, "seconds": timing["seconds"]}
+
+
+def _measured_peak(device: str) -> int | None:
+    """The peak this process reached: the GPU's allocated peak on CUDA, else the peak resident set."""
+    if device == "cuda":
+        return int(torch.cuda.max_memory_allocated())
+    try:
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak if sys.platform == "darwin" else peak * 1024)
+    except (ImportError, OSError):
+        return None
+
+
 def return_freed_memory() -> None:
     """Make glibc hand large freed blocks back to the system (a fixed 1 MiB mmap threshold).
 
@@ -146,6 +177,7 @@ def train(plan: TrainPlan, examples: list[Example], *, run_dir: Path, out_dir: P
     data = tokenize_examples(tokenizer, examples, max_seq_length=plan.max_seq_length,
                              train_on_inputs=t.train_on_inputs, source="training data")
     base_fingerprint = fingerprint(model_folder(plan.model))
+    estimate = _estimate(plan, examples, data, placement, log)
     anchors = None
     if t.retention != "none":  # the base answers the anchor prompts before any adapter exists
         from loraforge.train.retention import AnchorStream, anchor_examples, anchor_prompts
@@ -356,7 +388,8 @@ def train(plan: TrainPlan, examples: list[Example], *, run_dir: Path, out_dir: P
                  "trained_tokens": sum(d.trained_tokens for d in data)},
         "training": {"device": placement.device, "precision": placement.precision, "steps": step,
                      "planned_steps": total_steps, "seconds": round(elapsed, 2), "first_loss": first_loss, "final_loss": last_loss,
-                     "resumed_from_step": resumed_from, "tokens": int(tokens_seen)},
+                     "resumed_from_step": resumed_from, "tokens": int(tokens_seen),
+                     "peak_memory_bytes": _measured_peak(placement.device), "estimate": estimate},
         "size": sizes,
     }
     if anchors is not None:
