@@ -207,3 +207,29 @@ def test_the_server_refuses_a_job_that_cannot_fit_unless_forced(tmp_path, tiny_d
             assert r.status_code == 202, r.text
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("content, seconds", [
+    ('{"KEY": {"seconds_per_token": 0.5, "first_step_extra_s": 2}}', lambda tokens: tokens * 0.5 + 2),  # a sound entry is used
+    ('{"KEY": {"seconds_per_token": "fast"}}', None), ('[1, 2]', None), ('not json', None),
+    ('{"KEY": {"seconds_per_token": -1, "first_step_extra_s": 0}}', None)])
+def test_time_comes_from_a_sound_calibration_entry_only(tiny_dir, store_home, content, seconds):
+    from loraforge.config import parse_train_config
+    from loraforge.data import load_examples
+    from loraforge.train import calibrate
+    from loraforge.train.plan import plan_training
+
+    plan = plan_training(parse_train_config({"name": "c", "model_name": "tiny", "max_steps": 3}, source="t"))
+    records = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
+    data = est.tokenized(plan, load_examples(records, "t"))
+    key = calibrate.cache_key(plan, est.for_plan(plan, data=data)[0].forward_tokens)
+    path = calibrate._cache_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content.replace("KEY", key.replace('"', '\\"')))
+    timing = calibrate.estimate_time(plan, [], data)
+    tokens = timing["planned_tokens"]
+    assert tokens == 3 * len(data[0].input_ids)  # max_steps 3, one example per step
+    if seconds is None:
+        assert timing["seconds"] is None and timing["calibrated"] is None
+    else:
+        assert timing["seconds"] == round(seconds(tokens), 1) and timing["calibrated"] == "cached"

@@ -25,9 +25,10 @@ def _cache_path() -> Path:
 
 def _read_cache() -> dict:
     try:
-        return json.loads(_cache_path().read_text())
+        cache = json.loads(_cache_path().read_text())
     except (OSError, ValueError):
         return {}
+    return cache if isinstance(cache, dict) else {}
 
 
 def _write_entry(key: str, entry: dict) -> None:
@@ -107,6 +108,9 @@ def estimate_time(plan, examples: list, data: list, *, measure: bool = False, fo
         forward_tokens = for_plan(plan, data=data)[0].forward_tokens
     key = cache_key(plan, forward_tokens)
     entry = _read_cache().get(key)
+    if not (isinstance(entry, dict) and all(isinstance(entry.get(k), (int, float)) and entry[k] >= 0
+                                            for k in ("seconds_per_token", "first_step_extra_s"))):
+        entry = None  # a damaged or hand-edited entry is measured again, never trusted
     how = "cached" if entry else None
     if entry is None and measure and examples:
         log("calibrating the training speed (once for these settings on this machine)")
