@@ -430,7 +430,9 @@ def test_continuous_updates_promote_reject_and_roll_back_in_a_running_server(ser
             r = c.post("/api/adapters/foundation/update", json=body)
             assert r.status_code == 202, r.text
             job = wait_for_job(c, r.json()["job_id"], timeout=600)
-            assert job["status"] == "succeeded" and job["result"] == f"foundation@v{number} promoted", job
+            events = c.get(f"/api/training/jobs/{job['job_id']}/events").text.split("event: decision\ndata: ")[1:]
+            why = [json.loads(e.split("\n")[0]).get("reasons") for e in events]  # the gate's reasons, if it rejected
+            assert job["status"] == "succeeded" and job["result"] == f"foundation@v{number} promoted", (job, why)
             learned = list(questions)[:number - 1]
             for fact in learned:  # every fact so far, old and new, answered by the served adapter
                 said[(number, fact)] = chat(c, "foundation", questions[fact])
