@@ -127,8 +127,8 @@ def return_freed_memory() -> None:
 
     Checkpointing recomputes each layer in the backward; with glibc's default (a threshold that grows
     with every freed block) the freed activations stay in the heap and the process grew step after step:
-    measured on SmolLM2, 1,024 tokens, all linear layers, peak RSS 1.49 GB after 6 steps where the live
-    tensors never exceeded ~0.8 GB. Checkpointing is chosen to save memory, so here memory wins; the cost
+    measured on SmolLM2, 1,024 tokens, all linear layers, peak RSS 1,490 MiB after 6 steps where the live
+    tensors never exceeded ~0.8 GiB (777 MiB with this fix). Checkpointing is chosen to save memory, so here memory wins; the cost
     is page faults on each large allocation (docs/estimate-accuracy.md). Process-wide; no-op off glibc."""
     import ctypes
     import ctypes.util
