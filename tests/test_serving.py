@@ -76,6 +76,47 @@ def test_a_request_answers_the_same_alone_and_in_a_mixed_batch(store_home, monke
         engine.close()
 
 
+
+def test_a_delete_waits_for_a_load_checking_the_files_and_a_request_after_it_is_not_found(store_home):
+    """The race behind a 409 under traffic: a request had read the version's record and was checking its
+    files when a delete moved them away. Now the delete waits for the load; the request that follows is a
+    404, and nothing stays attached."""
+    from loraforge.engine import Engine
+    from loraforge.errors import NotFound
+    from loraforge.store import Store
+
+    train_quick("racy", max_steps=2)
+    store = Store()
+    engine = Engine(store)
+    checking, release = threading.Event(), threading.Event()
+    verify = store.verify
+
+    def slow_verify(version):
+        checking.set()
+        release.wait(10)
+        return verify(version)
+
+    store.verify = slow_verify
+    outcome = {}
+    try:
+        loader = threading.Thread(target=lambda: outcome.update(load=engine.load_adapter("racy")))
+        loader.start()
+        assert checking.wait(60)
+        deleter = threading.Thread(target=lambda: outcome.update(deleted=engine.delete_adapter("racy")))
+        deleter.start()
+        deleter.join(0.5)
+        assert deleter.is_alive() and (store.root / "adapters" / "racy").is_dir()  # waits for the load
+        release.set()
+        loader.join(30)
+        deleter.join(30)
+        assert outcome["load"][1].ref == "racy@v1" and outcome["deleted"] == 1
+        assert engine.loaded_adapters() == {} and not store.exists("racy")
+        with pytest.raises(NotFound):
+            engine.resolve_model("racy")
+    finally:
+        release.set()
+        engine.close()
+
 @pytest.fixture
 def narrow_server(store_home, tiny_dir):
     srv = ServerProcess(store_home, "--max-batch", "1", "--max-queued", "1", "--max-jobs", "1")

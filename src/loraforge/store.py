@@ -472,9 +472,12 @@ class Store:
 
     def verify(self, version: AdapterVersion) -> Path:
         """Check every file against its recorded sha256; return the folder, or raise IntegrityError."""
-        if not version.path.is_dir():
-            raise IntegrityError(f"adapter {version.ref}: its files are missing from the store")
-        actual = sha256_files(version.path)
+        try:
+            if not version.path.is_dir():
+                raise FileNotFoundError(version.path)
+            actual = sha256_files(version.path)
+        except FileNotFoundError:
+            raise IntegrityError(f"adapter {version.ref}: its files are missing from the store") from None
         if actual != version.files:
             changed = sorted(set(actual) ^ set(version.files) | {
                 k for k in actual.keys() & version.files.keys() if actual[k] != version.files[k]})

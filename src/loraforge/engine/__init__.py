@@ -28,7 +28,7 @@ from loraforge.device import choose_placement
 from loraforge.engine.batch import BASE_ADAPTER
 from loraforge.engine.sampling import SamplingParams
 from loraforge.engine.scheduler import BatchScheduler, Busy, Channel, GenerationRequest, Result
-from loraforge.errors import Conflict, LoraforgeError
+from loraforge.errors import Conflict, IntegrityError, LoraforgeError, NotFound
 from loraforge.models import catalog, load_base_model, model_info, resolve_base_model
 from loraforge.models.resolve import TINY, fingerprint, model_folder
 from loraforge.names import parse_ref
@@ -83,6 +83,9 @@ class Engine:
         self.max_queued = max_queued
         self.bases: dict[str, LoadedBase] = {}
         self._lock = threading.Lock()
+        # held while a request looks an adapter up and attaches it, and while one is deleted: a delete never
+        # removes files a load is reading, and a load never attaches a version whose records are gone
+        self._registry_lock = threading.RLock()
         # stop the decode threads before the interpreter tears torch down under them (a weak reference:
         # the hook must not keep a closed engine's models alive)
         me = weakref.ref(self)
@@ -136,17 +139,26 @@ class Engine:
 
     def load_adapter(self, ref_text: str) -> tuple[LoadedBase, AdapterVersion]:
         """Attach an adapter version (loading its base first if needed); idempotent."""
+        with self._registry_lock:
+            return self._attach(ref_text)
+
+    def _attach(self, ref_text: str) -> tuple[LoadedBase, AdapterVersion]:
         version = self.store.get(parse_ref(ref_text))
         base_name = version.config.get("model_name") or version.base_model
         base = self.bases.get(resolve_base_model(base_name).id) or self.load_base(base_name)
+        if version.ref in base.adapters:  # attached: base.adapters changes only under the registry lock
+            return base, version
         with base.lock:
-            if version.ref in base.adapters:
-                return base, version
             if version.ref in base.scheduler.pending_unload:  # still attached: keep it after all
                 base.scheduler.pending_unload.discard(version.ref)
                 base.adapters[version.ref] = version
                 return base, version
-            path = self.store.verify(version)
+            try:
+                path = self.store.verify(version)
+            except IntegrityError:
+                if not self.store.exists(version.name):  # deleted by another process meanwhile
+                    raise NotFound(f"adapter {version.ref!r} not found", field="adapter") from None
+                raise
             if version.base_fingerprint and version.base_fingerprint != base.fingerprint:
                 raise Conflict(f"adapter {version.ref} was trained on a different {base.requested} "
                                "(base fingerprint differs)", field="model")
@@ -163,23 +175,34 @@ class Engine:
             base.adapters[version.ref] = version
         return base, version
 
+    def delete_adapter(self, name: str) -> int:
+        """Detach every version of an adapter and delete it from the store; the number of versions removed."""
+        with self._registry_lock:
+            self.unload_adapter(name)
+            return self.store.delete(name)
+
     def unload_adapter(self, ref_text: str) -> list[str]:
         """Detach an adapter's versions; one still in use by requests leaves when the last of them ends."""
         ref = parse_ref(ref_text)
         removed = []
-        for base in list(self.bases.values()):
-            with base.lock:
-                for key in list(base.adapters):
-                    name, _, version = key.partition("@v")
-                    if name == ref.name and (ref.version is None or int(version) == ref.version):
-                        del base.adapters[key]
-                        removed.append(key)
-                        if key in base.scheduler.in_use:
-                            base.scheduler.pending_unload.add(key)
-                        else:
-                            base.remove_adapter(key)
-            base.scheduler.wake()
+        with self._registry_lock:
+            for base in list(self.bases.values()):
+                self._detach(base, ref, removed)
         return removed
+
+    @staticmethod
+    def _detach(base: LoadedBase, ref, removed: list[str]) -> None:
+        with base.lock:
+            for key in list(base.adapters):
+                name, _, version = key.partition("@v")
+                if name == ref.name and (ref.version is None or int(version) == ref.version):
+                    del base.adapters[key]
+                    removed.append(key)
+                    if key in base.scheduler.in_use:
+                        base.scheduler.pending_unload.add(key)
+                    else:
+                        base.remove_adapter(key)
+        base.scheduler.wake()
 
     def loaded_adapters(self) -> dict[str, str]:
         return {key: base.requested for base in self.bases.values() for key in base.adapters}
@@ -198,22 +221,24 @@ class Engine:
 
     def request(self, model: str, messages: list[dict], params: SamplingParams, channel: Channel, *,
                 bounded: bool = True) -> tuple[GenerationRequest, str]:
-        """Resolve the model, check the lengths and queue one generation; (the request, the name shown)."""
-        base, adapter, shown = self.resolve_model(model)
-        text = render(base.tokenizer, messages, add_generation_prompt=True)
-        prompt_ids = base.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(prompt_ids) >= base.context:
-            raise LoraforgeError(f"the prompt is {len(prompt_ids)} tokens; {base.requested} reads at most "
-                                 f"{base.context}", field="messages")
-        if len(prompt_ids) + params.max_tokens > base.context:
-            raise LoraforgeError(f"max_tokens {params.max_tokens} with a prompt of {len(prompt_ids)} tokens exceeds "
-                                 f"the context of {base.requested} ({base.context} tokens); ask for at most "
-                                 f"{base.context - len(prompt_ids)}", field="max_tokens")
-        eos = base.model.generation_config.eos_token_id if hasattr(base.model, "generation_config") else None
-        eos_ids = frozenset(([eos] if isinstance(eos, int) else list(eos or [])) + [base.tokenizer.eos_token_id])
-        request = GenerationRequest(prompt_ids, adapter, params, channel, base.tokenizer, eos_ids, base.context)
-        base.scheduler.submit(request, bounded=bounded)
-        return request, shown
+        """Resolve the model, check the lengths and queue one generation; (the request, the name shown).
+        Resolving and queueing hold the registry lock: a delete cannot detach the adapter in between."""
+        with self._registry_lock:
+            base, adapter, shown = self.resolve_model(model)
+            text = render(base.tokenizer, messages, add_generation_prompt=True)
+            prompt_ids = base.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(prompt_ids) >= base.context:
+                raise LoraforgeError(f"the prompt is {len(prompt_ids)} tokens; {base.requested} reads at most "
+                                     f"{base.context}", field="messages")
+            if len(prompt_ids) + params.max_tokens > base.context:
+                raise LoraforgeError(f"max_tokens {params.max_tokens} with a prompt of {len(prompt_ids)} tokens "
+                                     f"exceeds the context of {base.requested} ({base.context} tokens); ask for at most "
+                                     f"{base.context - len(prompt_ids)}", field="max_tokens")
+            eos = base.model.generation_config.eos_token_id if hasattr(base.model, "generation_config") else None
+            eos_ids = frozenset(([eos] if isinstance(eos, int) else list(eos or [])) + [base.tokenizer.eos_token_id])
+            request = GenerationRequest(prompt_ids, adapter, params, channel, base.tokenizer, eos_ids, base.context)
+            base.scheduler.submit(request, bounded=bounded)
+            return request, shown
 
     def complete(self, model: str, messages: list[dict], *, temperature: float = 0.0, top_p: float = 1.0,
                  max_tokens: int = 128, stop: list[str] | None = None, seed: int | None = None,

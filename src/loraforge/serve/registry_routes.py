@@ -136,6 +136,5 @@ def delete_adapter(name: str, request: Request):
     queue = request.app.state.queue
     if any(j.adapter == name and j.status in ("queued", "running") for j in queue.list(1000)):
         raise Conflict(f"adapter {name!r} has a training job queued or running", field="adapter")
-    request.app.state.engine.unload_adapter(name)
-    removed = request.app.state.store.delete(name)
+    removed = request.app.state.engine.delete_adapter(name)
     return {"adapter": name, "deleted_versions": removed}
