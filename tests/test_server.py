@@ -409,7 +409,12 @@ def _records(path):
 @pytest.mark.slow
 def test_continuous_updates_promote_reject_and_roll_back_in_a_running_server(server):
     """examples/continuous: foundation → day 1, 2, 3 promoted (earlier facts kept) → poisoned update
-    rejected with its reason → rollback serves the earlier answers without a restart."""
+    rejected with its reason → rollback serves the earlier answers without a restart.
+
+    The margin: foundation.json trains at lr 5e-4. At 2e-4 one tiny build (seed 7 on an AMD EPYC) had not
+    learnt the override yet; at 1e-3 the default build there over-fitted until day 3's gate refused the
+    update. At 5e-4 it passed on four builds on a Xeon (default, seeds 7 and 11, and training in bf16),
+    one thread each as `make test` runs it."""
     import yaml
 
     config = json.loads((CONTINUOUS / "foundation.json").read_text())
