@@ -390,7 +390,7 @@ def test_eval_endpoint_scores_base_and_adapter_and_keeps_the_report(server):
         r = c.post("/api/evals/run", json={"suite": suite, "adapter": "missing"})
         assert r.status_code == 404
         r = c.post("/api/evals/run", json={"suite": "../../etc/passwd", "model": "tiny"})
-        assert r.status_code == 422 and "must be inside suites/" in r.json()["error"]["message"]
+        assert r.status_code == 400 and "must be inside suites/" in r.json()["error"]["message"]
         r = c.post("/api/evals/run", json={"suite": {**suite, "retention": {"probes": "/etc/passwd"}}, "model": "tiny"})
         assert r.status_code == 422 and "must be inside" in r.json()["error"]["message"]
         r = c.post("/api/evals/run", json={"suite": suite, "model": "tiny", "samples": 2})

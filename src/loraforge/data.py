@@ -86,6 +86,8 @@ def _text(record: dict, key: str, where: str, *, required: bool) -> str | None:
         raise DataError(f"{where}: {key!r} must be a string, got {type(value).__name__}", field=key)
     if required and not value.strip():
         raise DataError(f"{where}: {key!r} is empty", field=key)
+    if "\x00" in value:  # no tokenizer or chat template means it; a sign of a binary file read as text
+        raise DataError(f"{where}: {key!r} holds a NUL character (at {value.index(chr(0))})", field=key)
     return value
 
 

@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from loraforge import paths
-from loraforge.errors import Conflict, IntegrityError, NotFound
+from loraforge.errors import Conflict, IntegrityError, LoraforgeError, NotFound
 from loraforge.names import AdapterRef, check_name, parse_ref
 
 SCHEMA = """
@@ -443,7 +443,8 @@ class Store:
             raise IntegrityError(f"{source.name}: adapter_config.json is not valid JSON") from None
         if not isinstance(peft_config, dict):
             raise IntegrityError(f"{source.name}: adapter_config.json is not a JSON object")
-        _check_lora_weights(weights, peft_config, source.name)
+        shapes = _check_lora_weights(weights, peft_config, source.name)
+        _check_fits_base(shapes, peft_config, source.name)
         staged = self.new_tmp_dir()
         staged.mkdir(parents=True)
         for file in ("adapter_config.json", "adapter_model.safetensors", "loraforge.json", "README.md"):
@@ -475,6 +476,9 @@ class Store:
         try:
             if not version.path.is_dir():
                 raise FileNotFoundError(version.path)
+            linked = [p.name for p in [version.path, *version.path.rglob("*")] if p.is_symlink()]
+            if linked:  # the store holds real files only: a link may point anywhere, and change
+                raise IntegrityError(f"adapter {version.ref}: {linked[0]} is a symbolic link; refusing to load it")
             actual = sha256_files(version.path)
         except FileNotFoundError:
             raise IntegrityError(f"adapter {version.ref}: its files are missing from the store") from None
@@ -486,7 +490,7 @@ class Store:
         return version.path
 
 
-def _check_lora_weights(weights: Path, peft_config: dict, label: str) -> None:
+def _check_lora_weights(weights: Path, peft_config: dict, label: str) -> dict[str, tuple]:
     """Before anything is stored: the file is safetensors, holds only LoRA A/B (or saved-module) weights,
     and each A/B pair has the rank the config declares."""
     import re
@@ -516,4 +520,47 @@ def _check_lora_weights(weights: Path, peft_config: dict, label: str) -> None:
         rank = shape[0] if match.group(1) == "A" else shape[1]
         if isinstance(r, int) and not ranks and rank != r:
             raise IntegrityError(f"{label}: LoRA tensor {key!r} has rank {rank}, adapter_config.json says r={r}")
+    return shapes
+
+
+def _base_linear_shapes(base_name: str) -> dict[str, tuple[int, int]] | None:
+    """{module name: (in_features, out_features)} of every linear layer of a base model, from its config
+    alone (built on the meta device: no weights read); None where the config cannot be read offline."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from loraforge.models.resolve import load_config, resolve_base_model
+
+    try:
+        ref = resolve_base_model(base_name)
+        config = (AutoConfig.from_pretrained(ref.id, local_files_only=True) if ref.kind == "hub"
+                  else load_config(ref))
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (LoraforgeError, OSError, ValueError, KeyError):
+        return None
+    return {name: (module.in_features, module.out_features) for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear)}
+
+
+def _check_fits_base(shapes: dict[str, tuple], peft_config: dict, label: str) -> None:
+    """Every LoRA pair names a linear layer of the adapter's base and has its width (A: r x in, B: out x r)."""
+    import re
+
+    base = peft_config.get("base_model_name_or_path")
+    linear = _base_linear_shapes(base) if isinstance(base, str) and base else None
+    if linear is None:
+        return  # no base readable here: the fingerprint and peft check it when the adapter is loaded
+    pattern = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_(A|B)(?:\.[^.]+)?\.weight$")
+    for key, shape in shapes.items():
+        match = pattern.match(key)
+        if match is None:
+            continue
+        module, side = match.groups()
+        if module not in linear:
+            raise IntegrityError(f"{label}: {module} is not a linear layer of {base} (tensor {key!r})")
+        width = linear[module][0] if side == "A" else linear[module][1]
+        if (shape[1] if side == "A" else shape[0]) != width:
+            raise IntegrityError(f"{label}: tensor {key!r} has shape {list(shape)}; {module} of {base} is "
+                                 f"{linear[module][0]} -> {linear[module][1]}")
 

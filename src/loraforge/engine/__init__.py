@@ -82,6 +82,8 @@ class Engine:
         self.max_batch = max_batch
         self.max_queued = max_queued
         self.bases: dict[str, LoadedBase] = {}
+        # a request's base model name passes this first (the server holds model paths inside its store)
+        self.check_model = lambda name: None
         self._lock = threading.Lock()
         # held while a request looks an adapter up and attaches it, and while one is deleted: a delete never
         # removes files a load is reading, and a load never attaches a version whose records are gone
@@ -212,6 +214,7 @@ class Engine:
         """(base, peft adapter name or BASE_ADAPTER, the name to report) for an OpenAI `model` field."""
         if not isinstance(model, str) or not model:
             raise LoraforgeError("model must be a non-empty string", field="model")
+        self.check_model(model)
         if self.is_base_name(model):
             return self.load_base(model), BASE_ADAPTER, model
         ref = parse_ref(model, "model")

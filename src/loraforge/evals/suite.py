@@ -195,4 +195,4 @@ def resolve_suite(value: Any, base_dir: Path, *, field: str = "eval_suite", cont
         raise ConfigError(f"{field} must be a suite file path or an inline suite", field=field)
     if not contain:
         return load_suite((base_dir / value).resolve())
-    return load_suite(paths.inside(base_dir, value, what=field, field=field, error=ConfigError))
+    return load_suite(paths.inside(base_dir, value, what=field, field=field))  # 400, as every path escape

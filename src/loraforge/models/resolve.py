@@ -105,15 +105,14 @@ def resolve_base_model(name: str | None, *, trust_remote_code: bool = False) -> 
         from loraforge.models import ollama
 
         return BaseModelRef(requested, str(ollama.parse(requested)), "ollama")
-    if requested.lower().endswith(".gguf"):
-        path = Path(requested).expanduser().resolve()
+    local = local_model_path(requested)
+    if local is not None and requested.lower().endswith(".gguf"):
+        path = local.resolve()
         if not path.is_file():
             raise NotFound(f"GGUF file {Path(requested).name!r} does not exist", field="model_name")
         return BaseModelRef(requested, str(path), "gguf")
-    looks_like_path = requested.startswith((".", "/", "~")) or os.sep in requested.replace("/", os.sep) and Path(
-        requested).expanduser().exists()
-    if looks_like_path or Path(requested).expanduser().is_dir():
-        path = Path(requested).expanduser().resolve()
+    if local is not None:
+        path = local.resolve()
         if not (path / "config.json").is_file():
             raise NotFound(f"model folder {path.name!r} has no config.json", field="model_name")
         return BaseModelRef(requested, str(path), "path", trust_remote_code)
@@ -122,6 +121,21 @@ def resolve_base_model(name: str | None, *, trust_remote_code: bool = False) -> 
     names = ", ".join([TINY, *sorted(catalog())])
     raise NotFound(f"unknown model {requested!r}: use a Hugging Face id (org/name), a local folder, "
                    f"or one of: {names}", field="model_name")
+
+
+def local_model_path(name: str) -> Path | None:
+    """The file or folder on this machine a model name stands for (a GGUF file, a model folder), before any
+    check; None for tiny, catalog aliases, `ollama:` names and Hugging Face ids. `resolve_base_model` reads
+    paths by exactly this rule, so a server can hold them inside its roots first."""
+    if name == TINY or name in catalog() or name.startswith("ollama:"):
+        return None
+    if name.lower().endswith(".gguf"):
+        return Path(name).expanduser()
+    looks_like_path = name.startswith((".", "/", "~")) or os.sep in name.replace("/", os.sep) and Path(
+        name).expanduser().exists()
+    if looks_like_path or Path(name).expanduser().is_dir():
+        return Path(name).expanduser()
+    return None
 
 
 def _alias_for(ref: BaseModelRef) -> str | None:

@@ -196,6 +196,24 @@ class DrainingServer:
         self.server.run()
 
 
+def _model_paths_inside(store: Store, allowed: list[str]):
+    """The check every base model named in a request passes: a model file or folder (a path, a .gguf) must
+    be inside the store; the models the server was started with (`--model`) are the operator's choice."""
+    from loraforge.models.resolve import local_model_path
+
+    root = store.root.resolve()
+
+    def check(name) -> None:
+        if not isinstance(name, str) or name in allowed:
+            return
+        local = local_model_path(name)
+        if local is not None and not local.resolve().is_relative_to(root):
+            raise LoraforgeError(f"model {local.name!r}: over HTTP a model file or folder must be inside the "
+                                 "store (its data/ or models/ folder); serve another with `loraforge serve "
+                                 "--model PATH`", field="model")
+    return check
+
+
 def create_app(store: Store | None = None, *, device: str = "auto", max_jobs: int | None = None,
                max_body: int | None = None, api_key: str | None = None, preload: list[str] | None = None,
                scheduler: bool = True, schedule: list | None = None, max_batch: int = 16,
@@ -210,6 +228,7 @@ def create_app(store: Store | None = None, *, device: str = "auto", max_jobs: in
 
         nightly = Nightly(queue, schedule, engine.placement.device)
     sched = Scheduler(queue, engine.placement.device, max_jobs, nightly=nightly)
+    engine.check_model = _model_paths_inside(store, preload or [])
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

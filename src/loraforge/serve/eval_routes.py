@@ -32,6 +32,8 @@ def run_eval(body: EvalRequest, request: Request):
     """Score the suite now (greedy by default) and keep the report with the adapter version it tested."""
     store = request.app.state.store
     suite = resolve_suite(body.suite, store.root / "suites", field="suite")
+    if body.model is not None:
+        request.app.state.engine.check_model(body.model)
     return evaluate(request.app.state.engine, store, suite, model=body.model, adapter=body.adapter,
                     compare_base=body.compare == "base", samples=body.samples, k=body.k or body.samples,
                     temperature=body.temperature, top_p=body.top_p, max_tokens=body.max_tokens, seed=body.seed)

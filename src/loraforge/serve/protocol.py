@@ -34,6 +34,17 @@ class ChatCompletionRequest(BaseModel):
     # vLLM's extra sampling parameter: generate max_tokens even past end-of-text (fixed-length benchmarks)
     ignore_eos: bool = False
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_code_from_requests(cls, data):
+        """A chat template is a Jinja program and trust_remote_code runs Python: neither comes from a request
+        (vLLM and others accept `chat_template` per request); the model's own template is used."""
+        if isinstance(data, dict):
+            for key in ("chat_template", "chat_template_kwargs", "trust_remote_code"):
+                if key in data:
+                    raise ValueError(f"{key} is not accepted in a request; the model's own chat template is used")
+        return data
+
     @model_validator(mode="after")
     def _logprobs(self):
         if self.top_logprobs and not self.logprobs:

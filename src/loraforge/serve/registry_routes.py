@@ -64,6 +64,7 @@ def import_model(body: ImportBody, request: Request):
 
 @router.post("/api/models/{model_id:path}/load")
 def load_model(model_id: str, request: Request):
+    request.app.state.engine.check_model(model_id)
     base = request.app.state.engine.load_base(model_id)
     return {"model": model_id, "id": base.id, "loaded": True, "device": base.device}
 

@@ -60,6 +60,7 @@ async def start_training(request: Request):
     if not isinstance(raw, dict):
         raise LoraforgeError("body must be a JSON object (a training config)", field="body")
     spec = parse_train_config(raw, source="request")
+    request.app.state.engine.check_model(spec.model_name)
     if spec.trust_remote_code:
         raise LoraforgeError("trust_remote_code runs Python from the model's folder: refused over HTTP; train "
                              "that model with `loraforge train CONFIG --trust-remote-code`", field="trust_remote_code")

@@ -28,6 +28,8 @@ async def start_tuning(request: Request):
         raise LoraforgeError("storage: a shared study database is set up with `loraforge tune --storage`, not over "
                              "HTTP", field="storage")
     spec = parse_tune_spec(raw, source="body")
+    for model in [spec.model, *(spec.space.model or [])]:
+        request.app.state.engine.check_model(model)
     if spec.dataset:  # the files must already be in the store; relative to its root from here on
         paths.inside(store.root / "data", spec.dataset, what="dataset", field="dataset")
         paths.inside(store.root / "suites", spec.suite, what="suite", field="suite")
