@@ -31,6 +31,33 @@ log = logging.getLogger("loraforge.serve")
 DEFAULT_MAX_BODY = 32 * 1024 * 1024
 
 
+ERROR_SCHEMA = {"type": "object", "required": ["error"], "additionalProperties": False, "properties": {
+    "error": {"type": "object", "required": ["message", "type", "code"], "additionalProperties": False,
+              "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                             "code": {"type": ["string", "null"]}}}}}
+# the answers any route may give besides its own (auth, hosts, size, validation, back-pressure, draining)
+ERROR_STATUSES = {"400": "bad input", "401": "API key missing or wrong", "403": "request not addressed to this "
+                  "machine (Host/Origin)", "404": "not found", "405": "method not allowed", "409": "conflict with "
+                  "the store's state", "413": "body too large", "415": "unsupported media type", "422": "invalid "
+                  "body or settings", "429": "queue full (Retry-After)", "500": "internal error",
+                  "503": "shutting down"}
+
+
+def document_errors(schema: dict) -> dict:
+    """Every operation answers errors in one shape ({"error": {message, type, code}}), FastAPI's own 422
+    included: say so in the OpenAPI document, so clients and schema checkers see what they will get."""
+    schema.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR_SCHEMA
+    ref = {"$ref": "#/components/schemas/Error"}
+    for path_item in schema.get("paths", {}).values():
+        for operation in path_item.values():
+            responses = operation.setdefault("responses", {})
+            for status, description in ERROR_STATUSES.items():
+                responses[status] = {"description": description, "content": {"application/json": {"schema": ref}}}
+    schema["components"]["schemas"].pop("HTTPValidationError", None)
+    schema["components"]["schemas"].pop("ValidationError", None)
+    return schema
+
+
 def error_body(status: int, message: str, type_: str, code: str | None = None) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": {"message": message, "type": type_, "code": code}})
 
@@ -55,20 +82,34 @@ class BodyLimit:
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             return await _send_json(send, 413, f"request body over {self.max_bytes} bytes", "body_too_large")
         received = 0
+        over = False
+        started = False
 
         async def limited_receive():
-            nonlocal received
+            nonlocal received, over
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
+                    over = True  # the app may catch this (FastAPI turns it into a 400): `guarded_send` says 413
                     raise _TooLarge()
             return message
 
+        async def guarded_send(message):
+            nonlocal started
+            if over:  # whatever the app makes of the interrupted body, the answer is 413
+                if message["type"] == "http.response.start" and not started:
+                    started = True
+                    await _send_json(send, 413, f"request body over {self.max_bytes} bytes", "body_too_large")
+                return
+            await send(message)
+
         try:
-            await self.app(scope, limited_receive, send)
+            await self.app(scope, limited_receive, guarded_send)
         except _TooLarge:
-            await _send_json(send, 413, f"request body over {self.max_bytes} bytes", "body_too_large")
+            if not started:
+                started = True
+                await _send_json(send, 413, f"request body over {self.max_bytes} bytes", "body_too_large")
 
 
 class _TooLarge(Exception):
@@ -243,6 +284,16 @@ def create_app(store: Store | None = None, *, device: str = "auto", max_jobs: in
 
     app = FastAPI(title="loraforge", version=__version__, lifespan=lifespan,
                   description="Train, store, serve and validate LoRA adapters.")
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            app.openapi_schema = document_errors(get_openapi(title=app.title, version=app.version,
+                                                             description=app.description, routes=app.routes))
+        return app.openapi_schema
+
+    app.openapi = openapi
     app.state.store = store
     app.state.queue = queue
     app.state.engine = engine

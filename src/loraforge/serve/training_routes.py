@@ -28,7 +28,7 @@ async def _read_start_body(request: Request) -> tuple[dict, list | None, str]:
         text = (await config_field.read()).decode("utf-8") if hasattr(config_field, "read") else str(config_field)
         try:
             raw = json.loads(text)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise LoraforgeError("config part is not valid JSON", field="config") from None
         upload = form.get("training_data")
         records = None
@@ -45,7 +45,7 @@ async def _read_start_body(request: Request) -> tuple[dict, list | None, str]:
     body = await request.body()
     try:
         raw = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep
         raise LoraforgeError("body is not valid JSON", field="body") from None
     return raw, None, "body"
 

@@ -22,7 +22,7 @@ async def start_tuning(request: Request):
     store, queue = request.app.state.store, request.app.state.queue
     try:
         raw = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise LoraforgeError("body is not valid JSON", field="body") from None
     if isinstance(raw, dict) and "storage" in raw:
         raise LoraforgeError("storage: a shared study database is set up with `loraforge tune --storage`, not over "
