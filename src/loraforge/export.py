@@ -17,6 +17,7 @@ Every export is written into a fresh temporary folder next to the target and ren
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import re
@@ -69,9 +70,18 @@ def export_adapter(store: Store, ref: str, fmt: str, target: Path, *, dtype: str
             notes.update(_ollama(base_name, version.name, tmp))
         else:
             notes = _vllm(version.name, base_name, source, adapter_config, tmp, target)
-        if target.exists():
-            target.rmdir()
-        paths.publish_dir(tmp, target)
+        try:
+            if target.exists():
+                try:
+                    target.rmdir()  # the empty folder checked above; another export may have filled it since
+                except FileNotFoundError:
+                    pass
+            paths.publish_dir(tmp, target)
+        except OSError as exc:  # a concurrent export to the same folder won the race
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            raise ConfigError(f"dir {target.name!r} exists and is not an empty folder; choose a new one",
+                              field="dir") from None
     except BaseException:
         paths.remove_tree(tmp)
         raise
