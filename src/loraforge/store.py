@@ -227,6 +227,29 @@ class Store:
             paths.fsync_dir(final.parent)
         return self.get(AdapterRef(name, version))
 
+    def sweep(self) -> list[str]:
+        """Remove version folders no record names (a crash between a publish's rename and its commit), and
+        adapter folders left empty; the paths removed, relative to the store. Holds the write lock, so a publish
+        in another process (its rename and commit are one transaction) is never mistaken for debris."""
+        removed = []
+        adapters = self.root / "adapters"
+        if not adapters.is_dir():
+            return removed
+        with self.transaction() as db:
+            recorded = {(r["name"], int(r["version"])) for r in db.execute("SELECT name, version FROM versions")}
+            names = {r["name"] for r in db.execute("SELECT name FROM adapters")}
+            for folder in sorted(p for p in adapters.iterdir() if p.is_dir() and not p.is_symlink()):
+                for child in sorted(folder.iterdir()):
+                    number = child.name[1:]
+                    if (child.is_dir() and child.name.startswith("v") and number.isdigit()
+                            and (folder.name, int(number)) not in recorded):
+                        paths.remove_tree(child)
+                        removed.append(child.relative_to(self.root).as_posix())
+                if folder.name not in names and not any(folder.iterdir()):
+                    folder.rmdir()
+                    removed.append(folder.relative_to(self.root).as_posix())
+        return removed
+
     # ---- lifecycle: promotion, rejection, rollback, retention ------------------------------------------
     def activate(self, name: str, version: int, *, action: str = "promote", detail: str = "") -> AdapterVersion:
         """Make `version` the active one in one transaction (the previous active becomes archived).

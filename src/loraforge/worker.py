@@ -6,6 +6,8 @@ a shell string). It reads the job from the queue, trains into the store, and rec
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 import time
 import traceback
@@ -65,13 +67,45 @@ def run_job(job_id: str) -> int:
         queue.finish(job_id, "failed", error=exc.message)
     except MemoryError:
         queue.finish(job_id, "failed", error="out of memory: try a smaller batch_size or max_seq_length")
-    except Exception as exc:  # the traceback goes to the job's log file, not to clients
-        log_file = store.root / "jobs" / f"{job_id}.log"
-        log_file.write_text(traceback.format_exc())
-        first = (str(exc).splitlines() or [""])[0][:200].replace(str(store.root), "$LORAFORGE_HOME")
-        queue.finish(job_id, "failed", error=f"internal error: {type(exc).__name__}: {first}")
+    except Exception as exc:  # out of memory and a full disk are the user's to fix: say so, in one line
+        if isinstance(exc, RuntimeError) and _out_of_memory(exc):
+            error = ("out of memory: try a smaller batch_size or max_seq_length, gradient checkpointing, or 4-bit "
+                     "(`loraforge validate` estimates)")
+        elif (code := _disk_full(exc)) is not None:
+            error = (f"the disk is full ({os.strerror(code)}) while writing the job's files; free space and start "
+                     "it again (earlier versions are untouched)")
+        else:
+            return _internal(queue, store, job_id, exc)
+        queue.finish(job_id, "failed", error=error)
         return 1
     return 0
+
+
+def _disk_full(exc: BaseException) -> int | None:
+    """The errno of a write that found the disk (or a quota, or a file-size limit) full; None for other errors.
+    safetensors reports it in its message ("I/O error: File too large (os error 27)")."""
+    codes = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+    if isinstance(exc, OSError) and exc.errno in codes:
+        return exc.errno
+    text = str(exc)
+    return next((code for code in codes if f"(os error {code})" in text or os.strerror(code) in text), None)
+
+
+def _out_of_memory(exc: RuntimeError) -> bool:
+    """torch's allocators say so in a RuntimeError (CPU: "can't allocate memory"; CUDA: OutOfMemoryError)."""
+    import torch
+
+    text = str(exc)
+    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text
+
+
+def _internal(queue, store, job_id: str, exc: BaseException) -> int:
+    """An unexpected failure: the traceback goes to the job's log file, one line to clients."""
+    log_file = store.root / "jobs" / f"{job_id}.log"
+    log_file.write_text("".join(traceback.format_exception(exc)))
+    first = (str(exc).splitlines() or [""])[0][:200].replace(str(store.root), "$LORAFORGE_HOME")
+    queue.finish(job_id, "failed", error=f"internal error: {type(exc).__name__}: {first}")
+    return 1
 
 
 def _update(store, queue, job, examples, on_progress, log, should_stop):

@@ -33,6 +33,9 @@ class Scheduler:
             log.warning("jobs interrupted by a previous stop: %s", ", ".join(recovered))
         for leftover in (self.queue.store.root / "tmp").glob("*"):
             paths.remove_tree(leftover)  # folders of runs that never published
+        swept = self.queue.store.sweep()
+        if swept:
+            log.warning("removed version folders no record names (a crash mid-publish): %s", ", ".join(swept))
         self._thread.start()
 
     def stop(self) -> None:

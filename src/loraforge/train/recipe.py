@@ -368,39 +368,45 @@ def train(plan: TrainPlan, examples: list[Example], *, run_dir: Path, out_dir: P
         log(f"keeping the best evaluated weights, from step {monitor.best_step()}")
     tmp = out_dir.parent / f".tmp-{out_dir.name}-{int(time.time() * 1000)}"
     tmp.mkdir(parents=True)
-    state = get_peft_model_state_dict(model)
-    dtype = _SAVE_DTYPES[t.save_dtype]
-    save_file({k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()},
-              str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-    peft_config = model.peft_config["default"]
-    peft_config.base_model_name_or_path = plan.model.id
-    peft_config.save_pretrained(str(tmp))
-    sizes = size_report(tmp / "adapter_model.safetensors", plan,
-                        trainable_parameters=sum(p.numel() for p in trainable))
-    all_history = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
-    manifest = {
-        "tool": {"name": "loraforge", "version": __version__, "torch": torch.__version__},
-        "base_model": {"requested": plan.model.requested, "id": plan.model.id,
-                       "fingerprint": base_fingerprint},
-        "config": resolved,
-        "notes": list(spec.notes),
-        "data": {"hash": identity["data"], "examples": len(examples),
-                 "trained_tokens": sum(d.trained_tokens for d in data)},
-        "training": {"device": placement.device, "precision": placement.precision, "steps": step,
-                     "planned_steps": total_steps, "seconds": round(elapsed, 2), "first_loss": first_loss, "final_loss": last_loss,
-                     "resumed_from_step": resumed_from, "tokens": int(tokens_seen),
-                     "peak_memory_bytes": _measured_peak(placement.device), "estimate": estimate},
-        "size": sizes,
-    }
-    if anchors is not None:
-        manifest["retention"] = {"method": t.retention, "anchors": len(anchors.anchors), "ratio": t.retention_ratio,
-                                 "weight": t.retention_weight, "anchor_examples_seen": anchors.position}
-    if monitor is not None:
-        manifest[monitor.manifest_key] = monitor.summary(stopped_at)
-    paths.atomic_write_json(tmp / "loraforge.json", manifest)
-    with open(tmp / "metrics.jsonl", "w", encoding="utf-8") as handle:
-        handle.writelines(json.dumps(h) + "\n" for h in all_history)
-    paths.publish_dir(tmp, out_dir)
+    try:  # a failed save (a full disk) leaves no half-written folder behind
+        state = get_peft_model_state_dict(model)
+        dtype = _SAVE_DTYPES[t.save_dtype]
+        save_file({k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()},
+                  str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        peft_config = model.peft_config["default"]
+        peft_config.base_model_name_or_path = plan.model.id
+        peft_config.save_pretrained(str(tmp))
+        sizes = size_report(tmp / "adapter_model.safetensors", plan,
+                            trainable_parameters=sum(p.numel() for p in trainable))
+        all_history = ([json.loads(line) for line in metrics_path.read_text().splitlines()]
+                       if metrics_path.exists() else [])
+        manifest = {
+            "tool": {"name": "loraforge", "version": __version__, "torch": torch.__version__},
+            "base_model": {"requested": plan.model.requested, "id": plan.model.id,
+                           "fingerprint": base_fingerprint},
+            "config": resolved,
+            "notes": list(spec.notes),
+            "data": {"hash": identity["data"], "examples": len(examples),
+                     "trained_tokens": sum(d.trained_tokens for d in data)},
+            "training": {"device": placement.device, "precision": placement.precision, "steps": step,
+                         "planned_steps": total_steps, "seconds": round(elapsed, 2), "first_loss": first_loss,
+                         "final_loss": last_loss,
+                         "resumed_from_step": resumed_from, "tokens": int(tokens_seen),
+                         "peak_memory_bytes": _measured_peak(placement.device), "estimate": estimate},
+            "size": sizes,
+        }
+        if anchors is not None:
+            manifest["retention"] = {"method": t.retention, "anchors": len(anchors.anchors), "ratio": t.retention_ratio,
+                                     "weight": t.retention_weight, "anchor_examples_seen": anchors.position}
+        if monitor is not None:
+            manifest[monitor.manifest_key] = monitor.summary(stopped_at)
+        paths.atomic_write_json(tmp / "loraforge.json", manifest)
+        with open(tmp / "metrics.jsonl", "w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(h) + "\n" for h in all_history)
+        paths.publish_dir(tmp, out_dir)
+    except BaseException:
+        paths.remove_tree(tmp)
+        raise
     del model, optimizer
     if placement.device == "cuda":
         torch.cuda.empty_cache()
