@@ -399,7 +399,10 @@ def test_eval_endpoint_scores_base_and_adapter_and_keeps_the_report(server):
 
 
 CONTINUOUS = EXAMPLES / "continuous"
-UPDATE_SETTINGS = {"replay_ratio": 6, "num_epochs": 25, "learning_rate": 5e-4}
+# tolerance 10% (the gate's default is 5%): the built-in model's retention probes are few, and one update
+# flips up to 8 of them on some builds in bf16 (99.3% -> 94.0%, seed 7); the poisoned update below falls 100
+# points on efficacy, far past either tolerance
+UPDATE_SETTINGS = {"replay_ratio": 6, "num_epochs": 25, "learning_rate": 5e-4, "tolerance": 0.10}
 
 
 def _records(path):
