@@ -31,8 +31,9 @@ class InsufficientMemory(LoraforgeError):
 
 
 class DataError(LoraforgeError):
+    """Bad training or evaluation data (a record, a line, a file): the request's input, so a 400."""
     code = "invalid_data"
-    status = 422
+    status = 400
 
 
 class InvalidName(LoraforgeError):

@@ -90,9 +90,11 @@ def _kill(pid: int | None) -> None:
 
 
 def kill_cycle(srv: ServerProcess, home: Path, config: dict, job_id: str | None, rng: random.Random,
-               *, what: str | None = None, after_checkpoint: bool = False) -> tuple[ServerProcess, str, str, list[str]]:
+               *, what: str | None = None, after_checkpoint: bool = False,
+               delay: tuple[float, float] = (0.2, 4.0)) -> tuple[ServerProcess, str, str, list[str]]:
     """One cycle; (the server now up, the job's id, what was killed, the problems found). With
-    `after_checkpoint`, the kill waits until the run has written a new checkpoint."""
+    `after_checkpoint`, the kill waits until the run has written a new checkpoint; then `delay` seconds more
+    (uniform between the two)."""
     before = set((home / "runs" / job_id).glob("checkpoint-*")) if job_id else set()
     with srv.client() as c:
         job_id = job_running(c, config, job_id)
@@ -100,7 +102,7 @@ def kill_cycle(srv: ServerProcess, home: Path, config: dict, job_id: str | None,
     while after_checkpoint and time.time() < deadline and not (
             set((home / "runs" / job_id).glob("checkpoint-*")) - before):
         time.sleep(0.1)
-    time.sleep(rng.uniform(0.2, 4.0))
+    time.sleep(rng.uniform(*delay))
     what = what or rng.choice(["server+worker", "worker"])
     pid = worker_pid(home, job_id)
     if what == "server+worker":

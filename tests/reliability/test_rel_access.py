@@ -18,7 +18,8 @@ from relhelp import assert_refusal, keyed_server, table_server, tree  # noqa: F4
 from server import ServerProcess, wait_for_job
 from test_server import fast_config
 
-BAD_NAMES = ["../x", "%2e%2e%2f", "..%2fx", "/abs", "a\\b", "a%00b", "a\x00b", "．．／", "x" * 300, "UPPER", ".hidden"]
+BAD_NAMES = ["../x", "%2e%2e%2f", "..%2fx", "/abs", "a\\b", "a%00b", "a\x00b", "．．／", "x" * 300, "UPPER",
+             ".hidden"]
 
 
 def _routes(name: str) -> list[tuple[str, str, dict | None]]:

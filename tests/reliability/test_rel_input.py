@@ -68,7 +68,8 @@ def test_a_1_mb_header_is_refused_and_the_server_lives(table_server):
 @pytest.mark.parametrize("body, content_type", [
     ('"s"', "application/json"), ("[]", "application/json"), ("42", "application/json"),
     ("null", "application/json"), ('{"model": "tiny", "messages": [', "application/json"), ("", "application/json"),
-    ("\xff\xfe", "application/json"), ('{"model": "tiny"}', "text/plain"), ("model=tiny", "application/x-www-form-urlencoded"),
+    ("\xff\xfe", "application/json"), ('{"model": "tiny"}', "text/plain"),
+    ("model=tiny", "application/x-www-form-urlencoded"),
     ('{"a": ' * 5000 + "1" + "}" * 5000, "application/json"),
 ])
 def test_malformed_bodies_get_json_4xx_and_create_nothing(table_server, path, body, content_type):
@@ -106,7 +107,7 @@ def test_bad_training_data_is_refused_naming_the_record_and_no_job_is_created(ta
     with table_server.client() as c:
         jobs = _jobs(c)
         assert_refusal(c.post("/api/training/start", json={**fast_config("bad-data"), "training_data": data}),
-                       (400, 422), words=words)
+                       (400,), words=words)
         assert _jobs(c) == jobs
 
 
@@ -120,11 +121,11 @@ def test_bad_training_files_are_refused_uploaded_or_in_the_data_folder(table_ser
     with table_server.client() as c:
         jobs = _jobs(c)
         assert_refusal(c.post("/api/training/start", json={**fast_config("bad-file"), "training_data": "bad.jsonl"}),
-                       (400, 422), words=words, home=home)
+                       (400,), words=words, home=home)
         config = {k: v for k, v in fast_config("bad-file").items() if k != "training_data"}
         r = c.post("/api/training/start", data={"config": json.dumps(config)},
                    files={"training_data": ("bad.jsonl", raw, "application/jsonl")})
-        assert_refusal(r, (400, 422), words=words, home=home)
+        assert_refusal(r, (400,), words=words, home=home)
         assert _jobs(c) == jobs
     (home / "data" / "bad.jsonl").unlink()
 
@@ -218,6 +219,7 @@ def test_fuzz_the_live_openapi_schema_no_5xx_no_schema_violations(table_server):
             call()
         except (Exception, BaseExceptionGroup):  # noqa: BLE001 - hypothesis re-raises what `failures` holds
             pass
+    print(f"fuzz: {sum(sent.values())} requests over {len(sent)} operations, {len(failures)} failures")
     assert len(sent) >= 20 and sum(sent.values()) >= 100, sent
     assert not failures, "\n".join(sorted(set(failures)))
     with table_server.client() as c:
