@@ -239,37 +239,6 @@ def test_twenty_concurrent_submissions_get_distinct_versions(server, store_home)
     db.close()
 
 
-@pytest.mark.parametrize("name", ["../x", "%2e%2e%2f", "..%2fx", "/abs", "x" * 300, "UPPER", "a%00b"])
-def test_bad_adapter_names_are_400_and_touch_nothing(input_server, name):
-    server, store_home = input_server, input_server.home
-    before = sorted(p.relative_to(store_home).as_posix() for p in store_home.rglob("*") if "models" not in p.parts)
-    with server.client() as c:
-        for method, path in (("POST", f"/api/adapters/{name}/load"), ("GET", f"/api/adapters/{name}"),
-                             ("DELETE", f"/api/adapters/{name}"), ("POST", f"/api/adapters/{name}/unload")):
-            r = c.request(method, path)
-            assert r.status_code in (400, 404), (method, path, r.status_code)
-            body = r.json()
-            assert set(body["error"]) == {"message", "type", "code"}
-            assert str(store_home) not in r.text
-        r = c.post("/api/adapters/" + name.replace("/", "%2F") + "/load")
-        assert r.status_code in (400, 404)
-        r = c.post("/api/training/start", json={**fast_config("x"), "output_dir": f"./adapters/{name}"})
-        assert r.status_code in (400, 422), r.text
-    after = sorted(p.relative_to(store_home).as_posix() for p in store_home.rglob("*") if "models" not in p.parts)
-    transient = ("server.log", "store.db-shm", "store.db-wal")  # SQLite's WAL files come and go with connections
-    assert [p for p in after if p not in transient] == [p for p in before if p not in transient]
-
-
-@pytest.mark.parametrize("path", ["/api/training/start", "/v1/chat/completions"])
-@pytest.mark.parametrize("body", ['"s"', "[]", "null", '{"model": "tiny", "messages": [', "", "\xff"])
-def test_malformed_bodies_get_json_4xx(input_server, path, body):
-    with input_server.client() as c:
-        r = c.post(path, content=body.encode("latin-1"), headers={"Content-Type": "application/json"})
-    assert 400 <= r.status_code < 500, (r.status_code, r.text)
-    assert set(r.json()["error"]) == {"message", "type", "code"}
-    assert "Traceback" not in r.text
-
-
 @pytest.mark.parametrize("extra, field", [
     ({"top_logprobs": 3}, "top_logprobs needs logprobs"),
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
@@ -356,12 +325,6 @@ def test_only_requests_addressed_to_this_machine_are_answered(input_server, head
         assert r.status_code == (403 if status == 403 else 202), r.text
         if status == 200:
             assert wait_for_job(c, r.json()["job_id"])["status"] in ("succeeded", "failed")
-
-
-def test_trust_remote_code_is_refused_over_http(input_server):
-    with input_server.client() as c:
-        r = c.post("/api/training/start", json={**fast_config("remote"), "trust_remote_code": True})
-    assert r.status_code == 400 and "trust_remote_code" in r.text
 
 
 def test_eval_endpoint_scores_base_and_adapter_and_keeps_the_report(server):

@@ -1,4 +1,4 @@
-"""The reliability suite's helpers: its servers, what every refusal must be, the store's files before and after.
+"""The reliability suite's helpers: its keyed server (the tables use tests/test_server.py's `input_server`), what every refusal must be, the store's files before and after.
 (A module, not a conftest.py: a second conftest module would shadow tests/conftest.py.)"""
 
 from __future__ import annotations
@@ -40,27 +40,6 @@ def assert_refusal(response, statuses=(400, 404, 409, 413, 422), *, home: Path |
     if words:
         assert words in body["error"]["message"], body
     return body
-
-
-def records(*texts: tuple[str, str]) -> list[dict]:
-    return [{"instruction": q, "output": a} for q, a in texts]
-
-
-def dumps(value) -> bytes:
-    return json.dumps(value).encode()
-
-
-@pytest.fixture(scope="module")
-def table_server(tmp_path_factory, tiny_dir):
-    """One server for a table of bad inputs: each case must leave it, and its store, as it was."""
-    from conftest import _link_models
-
-    home = tmp_path_factory.mktemp("reliability-home")
-    _link_models(home)
-    srv = ServerProcess(home, "--max-jobs", "1")
-    srv.home = home
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture(scope="module")

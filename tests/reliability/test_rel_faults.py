@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -81,7 +82,7 @@ def test_a_kill_during_a_save_never_lists_a_partial_version(store_home, tiny_dir
     store = Store()
     v1 = store.get("saved")
     source = tmp_path / "v2-source"
-    subprocess.run(["cp", "-r", str(v1.path), str(source)], check=True)
+    shutil.copytree(v1.path, source)
     (source / "README.md").write_text("a second file to copy")
     died = subprocess.run([sys.executable, "-c", DIE_DURING_SAVE, str(source), where], capture_output=True)
     assert died.returncode == 9, died.stderr

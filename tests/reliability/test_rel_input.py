@@ -11,9 +11,9 @@ import threading
 import httpx
 import pytest
 
-from relhelp import assert_refusal, table_server, tree  # noqa: F401 (fixture)
+from relhelp import assert_refusal
 from server import ServerProcess, wait_for_job
-from test_server import fast_config
+from test_server import fast_config, input_server  # noqa: F401 (fixture)
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
@@ -27,9 +27,9 @@ def _alive(client) -> None:
     assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
 
 
-def test_a_50_mb_body_is_413_before_it_is_read(table_server):
+def test_a_50_mb_body_is_413_before_it_is_read(input_server):
     big = b'{"x": "' + b"y" * (50 * 1024 * 1024) + b'"}'
-    with table_server.client() as c:
+    with input_server.client() as c:
         for path in ("/api/training/start", "/v1/chat/completions", "/api/evals/run"):
             assert_refusal(c.post(path, content=big, headers={"Content-Type": "application/json"}), (413,))
 
@@ -44,8 +44,8 @@ def test_a_50_mb_body_is_413_before_it_is_read(table_server):
         _alive(c)
 
 
-def test_a_1_mb_header_is_refused_and_the_server_lives(table_server):
-    host, port = "127.0.0.1", table_server.port
+def test_a_1_mb_header_is_refused_and_the_server_lives(input_server):
+    host, port = "127.0.0.1", input_server.port
     with socket.create_connection((host, port), timeout=30) as s:
         reply = b""
         try:  # the server may answer and close before the header is even sent in full
@@ -59,7 +59,7 @@ def test_a_1_mb_header_is_refused_and_the_server_lives(table_server):
         except OSError:
             pass
     assert reply == b"" or reply.split(b" ")[1].startswith(b"4"), reply[:200]  # 431/400, or the connection cut
-    with table_server.client() as c:
+    with input_server.client() as c:
         _alive(c)
 
 
@@ -72,8 +72,8 @@ def test_a_1_mb_header_is_refused_and_the_server_lives(table_server):
     ("model=tiny", "application/x-www-form-urlencoded"),
     ('{"a": ' * 5000 + "1" + "}" * 5000, "application/json"),
 ])
-def test_malformed_bodies_get_json_4xx_and_create_nothing(table_server, path, body, content_type):
-    with table_server.client() as c:
+def test_malformed_bodies_get_json_4xx_and_create_nothing(input_server, path, body, content_type):
+    with input_server.client() as c:
         jobs = _jobs(c)
         r = c.post(path, content=body.encode("latin-1"), headers={"Content-Type": content_type})
         assert_refusal(r, (400, 404, 413, 415, 422))
@@ -85,8 +85,8 @@ def test_malformed_bodies_get_json_4xx_and_create_nothing(table_server, path, bo
                                    {"seed": 2**80}, {"stop": ["a"] * 50}, {"messages": []},
                                    {"messages": [{"role": "wizard", "content": "hi"}]},
                                    {"messages": [{"role": "user", "content": "x" * 100_000}]}])
-def test_out_of_range_chat_parameters_are_4xx(table_server, extra):
-    with table_server.client() as c:
+def test_out_of_range_chat_parameters_are_4xx(input_server, extra):
+    with input_server.client() as c:
         body = json.dumps({**CHAT, **extra}, allow_nan=True)
         r = c.post("/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
         assert_refusal(r, (400, 413, 422))
@@ -103,8 +103,8 @@ def test_out_of_range_chat_parameters_are_4xx(table_server, extra):
     ([{"messages": [{"role": "user", "content": "q"}]}], "record 1"),
     ([42], "record 1: expected a JSON object"),
 ])
-def test_bad_training_data_is_refused_naming_the_record_and_no_job_is_created(table_server, data, words):
-    with table_server.client() as c:
+def test_bad_training_data_is_refused_naming_the_record_and_no_job_is_created(input_server, data, words):
+    with input_server.client() as c:
         jobs = _jobs(c)
         assert_refusal(c.post("/api/training/start", json={**fast_config("bad-data"), "training_data": data}),
                        (400,), words=words)
@@ -114,11 +114,11 @@ def test_bad_training_data_is_refused_naming_the_record_and_no_job_is_created(ta
 @pytest.mark.parametrize("raw, words", [(b"\xff\xfe not utf-8\n", "not UTF-8"), (b"", "empty"),
                                         (b'{"instruction": "q", "output": "a\\u0000"}\n', "NUL"),
                                         (b'{"instruction": "q", "output": "a"}\n{"instruction": ', "line 2")])
-def test_bad_training_files_are_refused_uploaded_or_in_the_data_folder(table_server, raw, words):
-    home = table_server.home
+def test_bad_training_files_are_refused_uploaded_or_in_the_data_folder(input_server, raw, words):
+    home = input_server.home
     (home / "data").mkdir(exist_ok=True)
     (home / "data" / "bad.jsonl").write_bytes(raw)
-    with table_server.client() as c:
+    with input_server.client() as c:
         jobs = _jobs(c)
         assert_refusal(c.post("/api/training/start", json={**fast_config("bad-file"), "training_data": "bad.jsonl"}),
                        (400,), words=words, home=home)
@@ -140,11 +140,11 @@ def test_bad_training_files_are_refused_uploaded_or_in_the_data_folder(table_ser
     ("training_config", "batch_size", 0, "batch_size"), ("training_config", "num_epochs", 10**9, "num_epochs"),
     ("training_config", "max_steps", -2, "max_steps"),  # -1 is "not set", as in transformers
 ])
-def test_impossible_settings_are_422_naming_them(table_server, section, key, value, words):
+def test_impossible_settings_are_422_naming_them(input_server, section, key, value, words):
     config = fast_config("impossible")
     config[section][key] = value
     body = json.dumps(config).replace('"NaN"', "NaN").replace('"Infinity"', "Infinity")
-    with table_server.client() as c:
+    with input_server.client() as c:
         jobs = _jobs(c)
         r = c.post("/api/training/start", content=body, headers={"Content-Type": "application/json"})
         assert_refusal(r, (400, 422), words=words)
@@ -184,7 +184,7 @@ def test_twenty_exports_to_one_new_folder_at_once_exactly_one_succeeds(store_hom
 FUZZ_EXAMPLES = 12  # per operation; derandomized, so a run is repeatable and bounded
 
 
-def test_fuzz_the_live_openapi_schema_no_5xx_no_schema_violations(table_server):
+def test_fuzz_the_live_openapi_schema_no_5xx_no_schema_violations(input_server):
     """Every operation of the live /openapi.json with generated paths, queries and bodies (schemathesis): no
     5xx and every answer within the documented schema, errors included. Requests that would start work are
     sent too: they must be refused or queued. (Driven here rather than by schemathesis' pytest plugin, which
@@ -198,7 +198,7 @@ def test_fuzz_the_live_openapi_schema_no_5xx_no_schema_violations(table_server):
     # fits the schema to succeed (a config naming a model that does not exist fits it, and is refused)
     checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
-    schema = schemathesis.openapi.from_url(table_server.url + "/openapi.json")
+    schema = schemathesis.openapi.from_url(input_server.url + "/openapi.json")
     failures, sent = [], {}
     for result in schema.get_all_operations():
         operation = result.ok()
@@ -207,7 +207,7 @@ def test_fuzz_the_live_openapi_schema_no_5xx_no_schema_violations(table_server):
                   derandomize=True, database=None)
         @given(case=operation.as_strategy())
         def call(case):
-            response = case.call(base_url=table_server.url, timeout=120)
+            response = case.call(base_url=input_server.url, timeout=120)
             sent[operation.label] = sent.get(operation.label, 0) + 1
             try:
                 case.validate_response(response, checks=checks)
@@ -222,5 +222,5 @@ def test_fuzz_the_live_openapi_schema_no_5xx_no_schema_violations(table_server):
     print(f"fuzz: {sum(sent.values())} requests over {len(sent)} operations, {len(failures)} failures")
     assert len(sent) >= 20 and sum(sent.values()) >= 100, sent
     assert not failures, "\n".join(sorted(set(failures)))
-    with table_server.client() as c:
+    with input_server.client() as c:
         _alive(c)
