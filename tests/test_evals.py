@@ -252,5 +252,31 @@ def test_demo_end_to_end(tiny_dir, tmp_path):
     assert v3["efficacy"] >= 0.95 and v3["generalization"] >= 0.8 and v3["retention"] >= 0.95, v3
     markdown = (tmp_path / "out" / "demo.md").read_text()
     assert "| v3_anchored |" in markdown and "| config | efficacy |" in markdown
+    assert summary["question"] == "What does 42 mean?" and all(r["answer"] for r in summary["rows"])
+    assert f"- base: {rows['base']['answer'][:40]}" in markdown  # each model's own answer, shown
     assert (tmp_path / "out" / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| v3_anchored |" in result.stdout
+
+
+def test_the_built_in_anchors_never_ask_what_the_retention_probes_ask():
+    """Retention is measured on questions the run never saw: no probe prompt is an anchor, and no country
+    whose capital a probe asks for is an anchor's (the same fact in other words would leak it)."""
+    import re
+
+    from loraforge.train.retention import ANCHOR_PROMPTS
+
+    data = ANCHOR_PROMPTS.parent
+    probes = [json.loads(line) for line in (data / "general_probes.jsonl").read_text().splitlines() if line.strip()]
+    anchors = [json.loads(line)["prompt"] for line in ANCHOR_PROMPTS.read_text().splitlines() if line.strip()]
+    norm = lambda text: " ".join(text.lower().split())  # noqa: E731
+    assert len(anchors) == len({norm(a) for a in anchors}), "an anchor is listed twice"
+    assert not {norm(p["prompt"]) for p in probes} & {norm(a) for a in anchors}
+
+    def country(text: str) -> str | None:
+        found = re.search(r"capital(?: city)? of (?:the )?(.+?)[?.]?$", text.strip())
+        return found.group(1).lower() if found else None
+
+    probed = {c for p in probes if (c := country(p["prompt"]))}
+    anchored = {c for a in anchors if (c := country(a))}
+    assert len(probed) > 40 and len(anchored) > 30  # the check reads both sets
+    assert not probed & anchored, sorted(probed & anchored)

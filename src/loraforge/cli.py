@@ -535,10 +535,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_adapters.add_update_parser(sub)
 
-    p = sub.add_parser("demo", help="the knowledge-override scenario end to end: evaluate, train v1/v2/v3, "
+    p = sub.add_parser("demo", help="the knowledge-override scenario end to end: evaluate, train v1/v2/v3 (or the recommended "
+                                    "config on a real model), "
                                     "compare (table, Markdown, PNG)")
     p.add_argument("--out", default="demo-output", help="folder for demo.md, demo.png, demo.json")
-    p.add_argument("--model", default="tiny", help="base model (default: the built-in tiny model)")
+    p.add_argument("--model", default="tiny", help="base model (default: the built-in tiny model; "
+                   "smollm2-135m-instruct runs v1, v2 and the recommended config on the real model)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     p.set_defaults(func=cmd_demo)
 

@@ -1,8 +1,11 @@
-"""`loraforge demo`: the seed's knowledge-override scenario on the built-in model, end to end, measured.
+"""`loraforge demo`: the seed's knowledge-override scenario, end to end, measured.
 
 Evaluate the base → train each shipped config → evaluate it against the base → one side-by-side
-table (efficacy, generalization, retention, trainable parameters, adapter bytes, training time),
-printed and written as Markdown and a PNG chart. Every figure comes from this run.
+table (efficacy, generalization, retention, trainable parameters, adapter bytes, training time) and
+each model's own answer to the scenario's question ("What does 42 mean?"), printed and written as
+Markdown and a PNG chart. Every figure comes from this run. On the built-in `tiny` the configs are the
+seed's v1 and v2 and the anchored v3; on a real model (`--model smollm2-135m-instruct`, a folder, a
+GGUF) v1, v2 and the recommended config for new knowledge (`smollm2.json`: KL toward the base).
 """
 
 from __future__ import annotations
@@ -15,10 +18,21 @@ from loraforge import paths
 
 EXAMPLE_DIR = Path(__file__).resolve().parent / "examples" / "knowledge_override"
 CONFIGS = ("v1_surgical.json", "v2_override.json", "v3_anchored.json")
+REAL_MODEL_CONFIGS = ("v1_surgical.json", "v2_override.json", "smollm2.json")
 SCORES = ("efficacy", "generalization", "retention")
 
 
-def run_demo(out_dir: Path, *, example_dir: Path = EXAMPLE_DIR, configs: tuple[str, ...] = CONFIGS,
+def configs_for(model: str) -> tuple[str, ...]:
+    return CONFIGS if model == "tiny" else REAL_MODEL_CONFIGS
+
+
+def _answer(report: dict) -> str:
+    """The model's reply to the suite's first case (the scenario's question), one line."""
+    case = report["cases"][0]
+    return " ".join(case["outputs"][0].split())
+
+
+def run_demo(out_dir: Path, *, example_dir: Path = EXAMPLE_DIR, configs: tuple[str, ...] | None = None,
              model: str = "tiny", device: str = "auto", log: Callable[[str], None] = print,
              on_progress=None) -> dict:
     from loraforge.config import load_config_file, parse_train_config
@@ -30,13 +44,17 @@ def run_demo(out_dir: Path, *, example_dir: Path = EXAMPLE_DIR, configs: tuple[s
     from loraforge.store import Store
     from loraforge.train.plan import plan_training
 
+    configs = configs or configs_for(model)
     started = time.perf_counter()
     store = Store()
     engine = Engine(store, device)
     suite = load_suite(example_dir / "suite.yaml")
     log(f"evaluating the base model {model} on suite {suite.name}")
     base_report = evaluate(engine, store, suite, model=model)
+    question = base_report["cases"][0]["prompt"]
+    log(f"the base's own answer to {question!r}: {_answer(base_report)}")
     rows = [{"config": "base", "adapter": model, **{k: base_report["scores"][k] for k in SCORES},
+             "answer": _answer(base_report),
              "trainable_parameters": 0, "adapter_bytes": 0, "training_seconds": 0.0, "steps": 0}]
     reports = {"base": base_report}
     for name in configs:
@@ -55,13 +73,13 @@ def run_demo(out_dir: Path, *, example_dir: Path = EXAMPLE_DIR, configs: tuple[s
         reports[version.ref] = report
         size, training = result.manifest["size"], result.manifest["training"]
         rows.append({"config": name.removesuffix(".json"), "adapter": version.ref,
-                     **{k: report["scores"][k] for k in SCORES},
+                     **{k: report["scores"][k] for k in SCORES}, "answer": _answer(report),
                      "trainable_parameters": size["trainable_parameters"], "adapter_bytes": size["bytes_on_disk"],
                      "training_seconds": training["seconds"], "steps": training["steps"]})
         log(f"  {version.ref}: " + ", ".join(f"{k} {_pct(report['scores'][k])}" for k in SCORES)
-            + f", {size['bytes_on_disk']:,} bytes, {training['seconds']:.1f} s")
+            + f", {size['bytes_on_disk']:,} bytes, {training['seconds']:.1f} s; answers: {_answer(report)}")
         engine.unload_adapter(version.ref)
-    summary = {"model": model, "suite": suite.name, "rows": rows, "seconds": round(time.perf_counter() - started, 1),
+    summary = {"model": model, "suite": suite.name, "question": question, "rows": rows, "seconds": round(time.perf_counter() - started, 1),
                "counts": base_report["counts"]}
     out_dir.mkdir(parents=True, exist_ok=True)
     paths.atomic_write_text(out_dir / "demo.md", to_markdown(summary))
@@ -88,7 +106,13 @@ def to_markdown(summary: dict) -> str:
         lines.append(f"| {row['config']} | {_pct(row['efficacy'])} | {_pct(row['generalization'])} | "
                      f"{_pct(row['retention'])} | {row['trainable_parameters']:,} | {row['adapter_bytes']:,} | "
                      f"{row['training_seconds']:.1f} |")
+    lines += ["", f"Each model's answer to {summary['question']!r} (greedy):", ""]
+    lines += [f"- {row['config']}: {_shorten(row['answer'])}" for row in summary["rows"]]
     return "\n".join(lines) + "\n"
+
+
+def _shorten(text: str, limit: int = 160) -> str:
+    return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
 
 
 def plot(summary: dict, path: Path) -> None:
