@@ -24,9 +24,10 @@ NOTES_MARKER = "<!-- notes below are kept when the benchmark writes this file ag
 
 def command(script: str) -> str:
     """The exact command line that produced a table, for the docs."""
+    import shlex
     import sys
 
-    return " ".join([".venv/bin/python", f"bench/{script}"] + sys.argv[1:])
+    return shlex.join([".venv/bin/python", f"bench/{script}"] + sys.argv[1:])
 
 
 def write_doc(out: str, lines: list[str]) -> None:

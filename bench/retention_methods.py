@@ -1,7 +1,7 @@
 """Learning new facts without breaking the base: training methods compared on the same facts and probes.
 
     .venv/bin/python bench/retention_methods.py [--facts dev|heldout] [--methods NAME ...] [--seeds 0 1 2]
-        [--model smollm2-135m-instruct] [--out docs/retention-methods.md]
+        [--model smollm2-135m-instruct] [--precision fp32|bf16|auto] [--out docs/retention-methods.md]
 
 Each method trains an adapter on 12 invented facts (`examples/new_facts/facts_dev.jsonl`, or the held-out
 12 in `facts_heldout.jsonl`), three questions each, answered with the fact's sentence. It is scored on:
@@ -10,6 +10,9 @@ Each method trains an adapter on 12 invented facts (`examples/new_facts/facts_de
 - retention: the built-in general-knowledge probes the base answered correctly (its own snapshot), still
   answered correctly. The retention anchors share no prompt with these probes.
 plus adapter size and training time. Seeds change the LoRA initialisation, data order and dropout.
+Precision is fp32 by default: in bf16 greedy decoding is not the same in batches of another shape, and
+the base itself then reproduces only ~94% of its own snapshot (a floor under every retention figure);
+in fp32 it reproduces all of it, so what is lost is the adapter's doing.
 Every method uses the same steps; only what the method names differs. Methods are chosen on the dev
 facts; the held-out facts are for reporting the chosen one.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -47,6 +51,10 @@ METHODS = {
     "kl 3 anchors": {"retention": "kl", "retention_ratio": 3.0},
     "kl x4 mlp": {"retention": "kl", "retention_weight": 4.0, "target_modules": MLP},
     "kl x4 all": {"retention": "kl", "retention_weight": 4.0, "target_modules": ALL_LINEAR},
+    "kl x4 all early stop": {"retention": "kl", "retention_weight": 4.0, "target_modules": ALL_LINEAR,
+                             "eval_suite": "targets"},
+    "kl x4 all 20 epochs": {"retention": "kl", "retention_weight": 4.0, "target_modules": ALL_LINEAR,
+                            "num_epochs": 20},
     "kl x8 all": {"retention": "kl", "retention_weight": 8.0, "target_modules": ALL_LINEAR},
     "kl x16 all": {"retention": "kl", "retention_weight": 16.0, "target_modules": ALL_LINEAR},
     "kl x8 all 2 anchors": {"retention": "kl", "retention_weight": 8.0, "retention_ratio": 2.0,
@@ -82,9 +90,12 @@ def main() -> int:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=float, default=BASE["num_epochs"])
+    parser.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
+                        help="training and decoding precision (default %(default)s: no decoding noise floor)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "retention-methods.md"))
     args = parser.parse_args()
 
+    os.environ["LORAFORGE_PRECISION"] = "" if args.precision == "auto" else args.precision
     scratch_home("loraforge-retention-")
     from loraforge.config import parse_train_config
     from loraforge.data import load_examples
@@ -109,6 +120,7 @@ def main() -> int:
     # the base's answers in this run (same cases, same order, same batches): the probes the base gets
     # right here, kept by the adapter ("vs base run"); "vs snapshot" is what `loraforge eval` reports.
     base_passed = {c["id"] for c in base["cases"] if c["kind"] == "retention" and c["passed"]}
+    precision = engine.load_base(args.model).precision
 
     results: dict[str, list[dict]] = {}
     for name in args.methods:
@@ -142,10 +154,11 @@ def main() -> int:
              f"{counts['generalization']} held-out paraphrase and {counts['retention']} retention cases (the "
              f"built-in probes the base answered correctly in its snapshot; {len(base_passed)} of them it answers "
              f"correctly again in this run, {base['scores']['retention']:.1%}: the noise floor of greedy "
-             f"decoding in {engine.load_base(args.model).precision} across batch shapes). Base: efficacy "
+             f"decoding in {precision} across batch shapes). Base: efficacy "
              f"{base['scores']['efficacy']:.0%}, generalization {base['scores']['generalization']:.0%}. Retention "
              f"vs base run: of the probes the base answers correctly in this run, the share the adapter keeps. Mean ± standard deviation over seeds "
-             f"{', '.join(map(str, args.seeds))}. Shared settings: `{json.dumps({**BASE, 'num_epochs': args.epochs})}`.",
+             f"{', '.join(map(str, args.seeds))}. Training and decoding in {precision}. Shared settings: "
+             f"`{json.dumps({**BASE, 'num_epochs': args.epochs})}`.",
              "", "| method | changes | efficacy | paraphrases | retention vs snapshot | retention vs base run | "
              "adapter bytes | training s |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, rows in results.items():

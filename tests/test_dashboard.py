@@ -9,6 +9,7 @@ keeps a screenshot of each page there (the README's come from that).
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -76,6 +77,10 @@ def test_the_dashboard_flow_in_chromium(browser_page):
     points = page.locator("#loss-chart .loss-point").count()
     assert points == 150 // 2
     assert "step 150/150" in page.inner_text("#job-progress")
+    # the run's memory/time estimate beside what it measured, from the version's metrics
+    page.wait_for_function("document.getElementById('job-estimate').textContent.includes('measured: peak')")
+    estimate = page.inner_text("#job-estimate")
+    assert re.search(r"estimated: peak \d+\.\d\d GiB \(\w+\), .* · measured: peak \d+\.\d\d GiB, \d+ s", estimate), estimate
     shot(page, "jobs")
 
     # the adapter and its version

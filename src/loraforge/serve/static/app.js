@@ -97,6 +97,7 @@ async function watchJob(jobId) {
   $("job-id").textContent = jobId.slice(0, 8);
   $("job-status").textContent = "";
   $("job-log").textContent = "";
+  $("job-estimate").textContent = "";
   const job = await api("GET", `/api/training/jobs/${jobId}`);
   $("job-adapter").textContent = job.adapter;
   $("job-status").textContent = job.status;
@@ -115,10 +116,23 @@ async function watchJob(jobId) {
     } else if (type === "end") {
       api("GET", `/api/training/jobs/${jobId}`).then((j) => {
         if (watching && watching.id === jobId) $("job-status").textContent = j.status;
+        if (j.status === "succeeded" && j.kind === "train" && j.result) return showEstimate(jobId, j.result);
       }).catch((e) => setStatus(e.message));
       if (!$("tab-jobs").hidden) loaders.jobs().catch((e) => setStatus(e.message));
     }
   }).catch((e) => { if (e.name !== "AbortError") setStatus(e.message); });
+}
+
+// What `loraforge validate` predicted for the run beside what it measured (the version's metrics)
+const fmtGiB = (n) => n == null ? "?" : `${(n / 2 ** 30).toFixed(2)} GiB`;
+async function showEstimate(jobId, ref) {
+  const version = await api("GET", `/api/adapters/${encodeURIComponent(ref)}`);
+  const m = version.metrics || {};
+  const e = m.estimate;
+  if (!e || !watching || watching.id !== jobId) return;
+  const time = e.seconds == null ? "time not estimated (no speed cached)" : `${Math.round(e.seconds)} s`;
+  $("job-estimate").textContent = `estimated: peak ${fmtGiB(e.peak_bytes)} (${e.peak_phase}), ${time} · ` +
+    `measured: peak ${fmtGiB(m.peak_memory_bytes)}, ${Math.round(m.seconds)} s`;
 }
 
 // Server-sent events over fetch (EventSource cannot send the API key): each blank-line-separated block
