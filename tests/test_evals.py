@@ -268,7 +268,9 @@ def test_the_built_in_anchors_never_ask_what_the_retention_probes_ask():
     data = ANCHOR_PROMPTS.parent
     probes = [json.loads(line) for line in (data / "general_probes.jsonl").read_text().splitlines() if line.strip()]
     anchors = [json.loads(line)["prompt"] for line in ANCHOR_PROMPTS.read_text().splitlines() if line.strip()]
-    norm = lambda text: " ".join(text.lower().split())  # noqa: E731
+    def norm(text: str) -> str:
+        return " ".join(text.lower().split())
+
     assert len(anchors) == len({norm(a) for a in anchors}), "an anchor is listed twice"
     assert not {norm(p["prompt"]) for p in probes} & {norm(a) for a in anchors}
 

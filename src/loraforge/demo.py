@@ -79,8 +79,8 @@ def run_demo(out_dir: Path, *, example_dir: Path = EXAMPLE_DIR, configs: tuple[s
         log(f"  {version.ref}: " + ", ".join(f"{k} {_pct(report['scores'][k])}" for k in SCORES)
             + f", {size['bytes_on_disk']:,} bytes, {training['seconds']:.1f} s; answers: {_answer(report)}")
         engine.unload_adapter(version.ref)
-    summary = {"model": model, "suite": suite.name, "question": question, "rows": rows, "seconds": round(time.perf_counter() - started, 1),
-               "counts": base_report["counts"]}
+    summary = {"model": model, "suite": suite.name, "question": question, "rows": rows,
+               "seconds": round(time.perf_counter() - started, 1), "counts": base_report["counts"]}
     out_dir.mkdir(parents=True, exist_ok=True)
     paths.atomic_write_text(out_dir / "demo.md", to_markdown(summary))
     paths.atomic_write_json(out_dir / "demo.json", {"summary": summary, "reports": reports})
