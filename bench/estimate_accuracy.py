@@ -149,7 +149,7 @@ def mb(n: float) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--out", default="docs/estimate-accuracy.md")
     parser.add_argument("--only", type=int, nargs="*", help="row numbers of the table (1-based)")
     parser.add_argument("--child")

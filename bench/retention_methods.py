@@ -60,6 +60,14 @@ METHODS = {
     "kl x8 all 2 anchors": {"retention": "kl", "retention_weight": 8.0, "retention_ratio": 2.0,
                             "target_modules": ALL_LINEAR},
     "kl x4 lr 5e-4": {"retention": "kl", "retention_weight": 4.0, "learning_rate": 5e-4},
+    "kl x4 all lr 5e-4": {"retention": "kl", "retention_weight": 4.0, "target_modules": ALL_LINEAR,
+                          "learning_rate": 5e-4},
+    "kl x4 all lr 3e-4": {"retention": "kl", "retention_weight": 4.0, "target_modules": ALL_LINEAR,
+                          "learning_rate": 3e-4},
+    "kl x4 all lr 2e-3": {"retention": "kl", "retention_weight": 4.0, "target_modules": ALL_LINEAR,
+                          "learning_rate": 2e-3},
+    "kl x4 all nearest": {"retention": "kl", "retention_weight": 4.0, "target_modules": ALL_LINEAR,
+                          "retention_nearest": 0.5},
 }
 SCORES = ("efficacy", "generalization", "retention")
 

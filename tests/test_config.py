@@ -105,6 +105,9 @@ BAD_CONFIGS = [
     ({"name": "x", "lora_config": {"target_modules": []}}, "lora_config.target_modules", "at least 1"),
     ({"name": "x", "lora_config": "r=8"}, "lora_config", "must be a mapping"),
     ({"name": "x", "bf16": "yes"}, "bf16", "true or false"),
+    ({"name": "x", "training_config": {"retention_nearest": 1.5}}, "training_config.retention_nearest",
+     "less than or equal to 1"),
+    ({"name": "x", "retention_nearest": -0.5}, "retention_nearest", "greater than or equal to 0"),
 ]
 
 

@@ -1,6 +1,7 @@
 """The LoRA recipe on the built-in model: loss falls, PEFT loads it, sizes are exact, runs resume."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -291,6 +292,61 @@ def test_the_retention_kl_is_zero_for_an_untouched_adapter_and_the_same_in_every
             if name in grads:
                 param -= 0.1 * grads[name] / max(g.norm() for g in grads.values())
     assert kl_and_grads("chunked")[0] < chunked
+
+
+@pytest.mark.parametrize("question, neighbours", [
+    ("What is the capital of Zorvath?", "What is the capital of "),
+    ("Who painted Ember Tide?", "Who painted "),
+    ("Who composed the Marrowgate Symphony?", "Who composed "),
+    ("What is the longest river in Taravel?", "What is the longest river in "),
+])
+def test_nearest_anchors_are_the_built_in_prompts_that_ask_the_same_kind_of_question(question, neighbours):
+    from loraforge.train.retention import anchor_prompts, nearest_anchors
+
+    prompts = anchor_prompts("builtin", "hf")
+    [ranked] = nearest_anchors([question], prompts)
+    assert prompts[ranked[0]].startswith(neighbours), [prompts[i] for i in ranked]
+    assert len(ranked) == len(set(ranked)) == 8
+
+
+def test_equally_near_anchors_come_in_a_seeded_order_that_differs_between_questions():
+    from loraforge.train.retention import nearest_anchors
+
+    capitals = [f"What is the capital of {c}?" for c in ("Peru", "Chad", "Fiji", "Oman", "Laos", "Mali",
+                                                          "Cuba", "Iran", "Iraq", "Togo", "Niue", "Guam")]
+    questions = ["What is the capital of Zorvath?", "Which city is the capital of Vantoria?"]
+    first, second = nearest_anchors(questions, capitals, seed=0)
+    assert first != second and set(first) | set(second) > set(first)
+    assert nearest_anchors(questions, capitals, seed=0) == [first, second]
+    assert nearest_anchors(questions, capitals, seed=1) != [first, second]
+
+
+@pytest.mark.parametrize("count, share, examples, epoch, near_picks, random_picks", [
+    (4, 0.0, [0, 1, 2, 3], 0, [], 4),  # no share: all from the seeded round-robin
+    (4, 0.5, [2, 0, 3, 1], 0, [(2, 0), (0, 0)], 2),
+    (4, 0.5, [2, 0, 3, 1], 3, [(2, 3), (0, 3)], 2),  # the next epoch, the next neighbour
+    (4, 1.0, [1, 0], 0, [(1, 0), (0, 0), (1, 1), (0, 1)], 0),  # more slots than examples: further neighbours
+    (3, 0.5, [0], 9, [(0, 1), (0, 2)], 1),  # half rounds up; cycles through the k neighbours
+])
+def test_the_anchor_stream_takes_its_nearest_share_from_the_steps_own_examples(count, share, examples, epoch,
+                                                                                 near_picks, random_picks):
+    from loraforge.train.retention import AnchorStream
+
+    anchors = [f"a{i}" for i in range(40)]
+    near = [[10 + 4 * e + k for k in range(8)] if e != 0 else [30 + k for k in range(8)] for e in range(4)]
+    stream = AnchorStream(anchors, seed=5, near=near, nearest_share=share)
+    plain = AnchorStream(anchors, seed=5)
+    picked = stream.take(count, examples, epoch)
+    assert picked[:len(near_picks)] == [anchors[near[e][rank % 8]] for e, rank in near_picks]
+    assert picked[len(near_picks):] == plain.take(random_picks)
+    assert stream.position == random_picks  # a resumed run restores only the round-robin part
+
+
+def test_training_with_nearest_anchors_records_the_share(tiny_dir):
+    version, result = train_quick("nearest", max_steps=6, retention="kl", retention_nearest=0.5)
+    assert result.manifest["retention"]["nearest"] == 0.5
+    assert result.manifest["retention"]["anchor_examples_seen"] == 6 * 2  # 2 of each step's 4 at random
+    assert all(math.isfinite(h["retention_loss"]) for h in result.history)
 
 
 @pytest.mark.parametrize("lengths, max_tokens, rows", [

@@ -104,6 +104,9 @@ class TrainingSettings(BaseModel):
                                             "per training example in each step")] = 1.0
     retention_weight: Annotated[float, Field(gt=0, le=100, allow_inf_nan=False, description="weight of the "
                                              "anchor loss beside the training loss (each per token)")] = 1.0
+    retention_nearest: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False, description="share of each "
+                                              "step's anchors chosen next to the step's training questions "
+                                              "(TF-IDF similarity) instead of at random")] = 0.0
 
 
 class TrainSpec(BaseModel):

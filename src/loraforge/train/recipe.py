@@ -122,20 +122,27 @@ def _measured_peak(device: str) -> int | None:
         return None
 
 
+MMAP_THRESHOLD = 1 << 20  # bytes: freed blocks this large go back to the system (with checkpointing, CPU)
+
+
 def return_freed_memory() -> None:
-    """Make glibc hand large freed blocks back to the system (a fixed 1 MiB mmap threshold).
+    """Make glibc hand freed blocks of 1 MiB and more back to the system (a fixed mmap threshold).
 
     Checkpointing recomputes each layer in the backward; with glibc's default (a threshold that grows
     with every freed block) the freed activations stay in the heap and the process grew step after step:
     measured on SmolLM2, 1,024 tokens, all linear layers, peak RSS 1,490 MiB after 6 steps where the live
-    tensors never exceeded ~0.8 GiB (777 MiB with this fix). Checkpointing is chosen to save memory, so here memory wins; the cost
-    is page faults on each large allocation (docs/estimate-accuracy.md). Process-wide; no-op off glibc."""
+    tensors never exceeded ~0.8 GiB (777 MiB with this fix). Checkpointing is chosen to save memory, so
+    here memory wins; the cost is page faults on each large allocation. A lower threshold returns more
+    and costs more: at glibc's starting value, 128 KiB, `tiny` at 1,016 tokens (its 256-wide activations
+    just under 1 MiB, kept in the heap at 1 MiB) peaks at 89 MiB instead of 159 MiB but trains 53% slower,
+    and SmolLM2 trains 22% slower for the same peak (docs/estimate-accuracy.md). Process-wide; no-op off
+    glibc."""
     import ctypes
     import ctypes.util
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
 
@@ -180,14 +187,20 @@ def train(plan: TrainPlan, examples: list[Example], *, run_dir: Path, out_dir: P
     estimate = _estimate(plan, examples, data, placement, log)
     anchors = None
     if t.retention != "none":  # the base answers the anchor prompts before any adapter exists
-        from loraforge.train.retention import AnchorStream, anchor_examples, anchor_prompts
+        from loraforge.train.retention import (AnchorStream, anchor_examples, anchor_prompts, nearest_anchors,
+                                               prompt_of)
 
         anchor_data = anchor_examples(model, tokenizer, anchor_prompts(t.retention_anchors, plan.model.kind),
                                       device=placement.device, cache_key=f"{base_fingerprint}:{load_dtype}", log=log)
+        near = None
+        if t.retention_nearest > 0:  # each training example's neighbours among the anchors, by their prompts
+            near = nearest_anchors([prompt_of(e) for e in examples], [prompt_of(a) for a in anchor_data], seed=t.seed)
         anchors = AnchorStream(tokenize_examples(tokenizer, anchor_data, max_seq_length=plan.max_seq_length,
-                                                 train_on_inputs=False, source="anchors"), t.seed)
+                                                 train_on_inputs=False, source="anchors"), t.seed,
+                               near=near, nearest_share=t.retention_nearest)
         log(f"retention: {t.retention} on {len(anchors.anchors)} anchors, {t.retention_ratio:g} per training "
-            f"example, weight {t.retention_weight:g}")
+            f"example, weight {t.retention_weight:g}"
+            + (f", {t.retention_nearest:.0%} of them next to the step's questions" if near else ""))
     if t.quantization == "4bit":
         from peft import prepare_model_for_kbit_training
 
@@ -300,7 +313,8 @@ def train(plan: TrainPlan, examples: list[Example], *, run_dir: Path, out_dir: P
                 tokens_seen += int(batch["input_ids"].numel() if "position_ids" in batch
                                    else batch["attention_mask"].sum())
             if anchors is not None:
-                picked = anchors.take(math.ceil(t.retention_ratio * len(window)))
+                picked = anchors.take(math.ceil(t.retention_ratio * len(window)),
+                                      [i for b in windows[w_index] for i in b], epoch)
                 anchor_tokens = max(1, sum(e.loss_tokens for e in picked))
                 for batch in pack(picked, t.pack_max_tokens):
                     if not per_example_attention:
@@ -397,7 +411,8 @@ def train(plan: TrainPlan, examples: list[Example], *, run_dir: Path, out_dir: P
         }
         if anchors is not None:
             manifest["retention"] = {"method": t.retention, "anchors": len(anchors.anchors), "ratio": t.retention_ratio,
-                                     "weight": t.retention_weight, "anchor_examples_seen": anchors.position}
+                                     "weight": t.retention_weight, "nearest": t.retention_nearest,
+                                     "anchor_examples_seen": anchors.position}
         if monitor is not None:
             manifest[monitor.manifest_key] = monitor.summary(stopped_at)
         paths.atomic_write_json(tmp / "loraforge.json", manifest)

@@ -5,6 +5,9 @@
 close to the base's, with the adapter switched off as the teacher (no second model in memory). Either
 way the anchor loss is normalised per anchor token and added with `retention_weight`, so the new data's
 gradient is the same as without it; `retention_ratio` anchors join each step per training example.
+`retention_nearest` chooses that share of them next to the step's own training questions (TF-IDF
+similarity of the prompts) rather than at random: an update interferes most with the questions that look
+like the ones it learns from ("the capital of Tesselia" moves "the capital of Malaysia").
 
 The anchors are prompts, never answers: the base writes the answers at the start of the run (greedy,
 cut to their last complete sentence), cached per base fingerprint, precision and prompt set. The
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 
@@ -29,6 +33,7 @@ from loraforge.structured import read_structured
 
 ANCHOR_PROMPTS = Path(__file__).resolve().parents[1] / "evals" / "data" / "anchor_prompts.jsonl"
 MAX_NEW_TOKENS = 64
+NEAREST_K = 8  # neighbours per training example that `retention_nearest` cycles through, one per epoch
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
 
 
@@ -108,21 +113,54 @@ def anchor_examples(model, tokenizer, prompts: list[str], *, device: str, cache_
     return examples
 
 
-class AnchorStream:
-    """Anchors handed out a few per step, round-robin through a seeded permutation."""
+def nearest_anchors(queries: list[str], anchors: list[str], *, seed: int = 0,
+                    k: int = NEAREST_K) -> list[list[int]]:
+    """For each query, the indices of its `k` most similar anchors (TF-IDF cosine of the prompts' content
+    words and word pairs), most similar first; equally similar ones (twenty "What is the capital of …?") in a seeded
+    random order, so that different questions draw different neighbours."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
 
-    def __init__(self, anchors: list, seed: int):
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, stop_words="english")
+    vectorizer.fit(anchors + queries)
+    similarity = (vectorizer.transform(queries) @ vectorizer.transform(anchors).T).toarray().round(6)
+    generator = torch.Generator().manual_seed(seed)
+    ranked = []
+    for row in similarity:
+        tie = torch.randperm(len(anchors), generator=generator).tolist()
+        ranked.append(sorted(range(len(anchors)), key=lambda j: (-row[j], tie[j]))[:k])
+    return ranked
+
+
+def prompt_of(example: Example) -> str:
+    """The user turns of a chat example, joined: what an anchor is matched against."""
+    return "\n".join(m["content"] for m in example.messages if m["role"] == "user")
+
+
+class AnchorStream:
+    """Anchors handed out a few per step: round-robin through a seeded permutation, and, with `near`
+    (per training example, its nearest anchors), a share chosen next to the step's own training questions.
+
+    The nearest share is stateless (example and epoch decide which neighbour), so a resumed run picks the
+    same anchors; the round-robin part resumes from `position`.
+    """
+
+    def __init__(self, anchors: list, seed: int, near: list[list[int]] | None = None,
+                 nearest_share: float = 0.0):
         self.anchors = anchors
         self.order = torch.randperm(len(anchors), generator=torch.Generator().manual_seed(seed)).tolist()
         self.position = 0
+        self.near = near if near and nearest_share > 0 else None
+        self.nearest_share = nearest_share
 
-    def take(self, count: int) -> list:
+    def take(self, count: int, examples: list[int] = (), epoch: int = 0) -> list:
+        """`count` anchors for a step whose training examples are `examples` (indices into the data)."""
         picked = []
-        for _ in range(count):
+        if self.near is not None and examples:
+            for slot in range(math.floor(count * self.nearest_share + 0.5)):  # half rounds up
+                index = examples[slot % len(examples)]
+                ranked = self.near[index]
+                picked.append(self.anchors[ranked[(epoch + slot // len(examples)) % len(ranked)]])
+        while len(picked) < count:
             picked.append(self.anchors[self.order[self.position % len(self.order)]])
             self.position += 1
         return picked
-
-    def seek(self, steps: int, per_step: int) -> None:
-        """Where a run resumed after `steps` steps would be."""
-        self.position = steps * per_step
