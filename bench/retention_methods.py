@@ -72,6 +72,12 @@ METHODS = {
 SCORES = ("efficacy", "generalization", "retention")
 
 
+def percent_cell(values: list[float]) -> str:
+    """Mean of shares as a percentage, with the standard deviation over seeds when there are several."""
+    spread = f" ± {statistics.pstdev(values) * 100:.1f}" if len(values) > 1 else ""
+    return f"{statistics.fmean(values) * 100:.1f}%{spread}"
+
+
 def load_facts(which: str) -> list[dict]:
     return [json.loads(line) for line in (FACTS / f"facts_{which}.jsonl").read_text().splitlines() if line.strip()]
 
@@ -151,9 +157,7 @@ def main() -> int:
                   + f", {row['steps']} steps in {row['seconds']:.0f} s", flush=True)
 
     def cell(rows: list[dict], key: str) -> str:
-        values = [r[key] for r in rows]
-        spread = f" ± {statistics.pstdev(values) * 100:.1f}" if len(values) > 1 else ""
-        return f"{statistics.fmean(values) * 100:.1f}%{spread}"
+        return percent_cell([r[key] for r in rows])
 
     counts = base["counts"]
     lines = [f"# Learning new facts on {args.model}: methods compared ({args.facts} facts)", "",

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _home import command, scratch_home, write_doc  # noqa: E402
 from retention_methods import BASE, METHODS, load_facts, suite_for, training_records  # noqa: E402
+from retention_methods import percent_cell as cell  # noqa: E402
 
 PROBES = ROOT / "src" / "loraforge" / "evals" / "data" / "general_probes.jsonl"
 
@@ -101,10 +102,6 @@ def main() -> int:
             routed_probes[threshold].append(sum(1 for c in report["cases"] if c["kind"] == "retention"
                                                 and similarity[c["id"]] >= threshold))
         print(f"seed {seed}: " + "; ".join(f"{t}: {rows[t][-1]}" for t in rows), flush=True)
-
-    def cell(values: list[float]) -> str:
-        spread = f" ± {statistics.pstdev(values) * 100:.1f}" if len(values) > 1 else ""
-        return f"{statistics.fmean(values) * 100:.1f}%{spread}"
 
     counts = base["counts"]
     lines = [f"# Routing, measured offline: {args.method} on {args.model} ({args.facts} facts)", "",
