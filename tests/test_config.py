@@ -108,6 +108,9 @@ BAD_CONFIGS = [
     ({"name": "x", "training_config": {"retention_nearest": 1.5}}, "training_config.retention_nearest",
      "less than or equal to 1"),
     ({"name": "x", "retention_nearest": -0.5}, "retention_nearest", "greater than or equal to 0"),
+    ({"name": "x", "scope": "nearby"}, "scope", "'all' or 'near'"),
+    ({"name": "x", "training_config": {"scope_threshold": 0}}, "training_config.scope_threshold", "greater than 0"),
+    ({"name": "x", "scope_threshold": 1.5}, "scope_threshold", "less than or equal to 1"),
 ]
 
 

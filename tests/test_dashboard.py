@@ -110,6 +110,13 @@ def test_the_dashboard_flow_in_chromium(browser_page):
     page.wait_for_function("document.getElementById('chat-answer-a').dataset.done === '1' && "
                            "document.getElementById('chat-answer-b').dataset.done === '1'")
     assert page.inner_text("#chat-answer-a").strip() and page.inner_text("#chat-answer-b").strip()
+    assert page.inner_text("#chat-via-a") == "answered by facts@v1" and page.inner_text("#chat-via-b") == "answered by tiny"
+    # with scope near, a question far from what the adapter was taught goes to the base, and the page says so
+    page.select_option("#chat-scope", "near")
+    page.fill("#chat-prompt", "What is the capital of France?")
+    page.click("#chat-form button[type=submit]")
+    page.wait_for_function("document.getElementById('chat-answer-a').dataset.done === '1'")
+    assert page.inner_text("#chat-via-a").startswith("answered by tiny: similarity to its training questions 0.00 < 0.2")
     shot(page, "chat")
 
     # a second version, then roll back to the first from the page

@@ -128,6 +128,29 @@ def test_openai_client_lists_and_chats_streamed_and_not(server):
         texts[model] = text
     assert "Douglas Adams" in texts["tiny"]
     assert texts["for-two"] == texts["for-two@v1"] != texts["tiny"]
+
+    # scope per request: near its training questions the adapter answers, elsewhere the base, and both say so
+    def asked(prompt, **extra):
+        raw = client.chat.completions.with_raw_response.create(
+            model="for-two", messages=[{"role": "user", "content": prompt}], max_tokens=40, **extra)
+        return raw.headers, raw.parse()
+
+    headers, reply = asked(PROMPT, extra_body={"scope": "near"})
+    assert headers["x-loraforge-answered-by"] == "for-two@v1" and reply.choices[0].message.content == texts["for-two"]
+    assert reply.model_extra["loraforge"] == {"adapter": "for-two@v1", "answered_by": "for-two@v1", "scope": "near",
+                                              "similarity": 1.0, "threshold": 0.2}
+    general = "What is the capital of France?"
+    headers, reply = asked(general, extra_body={"scope": "near"})
+    assert headers["x-loraforge-answered-by"] == "tiny" and float(headers["x-loraforge-scope-similarity"]) < 0.2
+    assert reply.model_extra["loraforge"]["answered_by"] == "tiny"
+    base = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": general}], max_tokens=40)
+    assert reply.choices[0].message.content == base.choices[0].message.content
+    headers, reply = asked(general)  # the adapter's own scope: all
+    assert headers["x-loraforge-answered-by"] == "for-two@v1" and reply.model_extra["loraforge"]["scope"] == "all"
+    with client.chat.completions.with_streaming_response.create(
+            model="for-two", messages=[{"role": "user", "content": general}], max_tokens=8, stream=True,
+            extra_body={"scope": "near"}) as streamed:
+        assert streamed.headers["x-loraforge-answered-by"] == "tiny"
     with pytest.raises(Exception) as info:
         client.chat.completions.create(model="no-such-adapter", messages=[{"role": "user", "content": "hi"}])
     assert getattr(info.value, "status_code", None) == 404
@@ -244,6 +267,7 @@ def test_twenty_concurrent_submissions_get_distinct_versions(server, store_home)
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"logprobs": True, "stream": True}, "not available on streamed answers"),
     ({"max_tokens": 0}, "max_tokens"),
+    ({"scope": "nearby"}, "scope"),
 ])
 def test_bad_chat_parameters_are_4xx_naming_them(input_server, extra, field):
     with input_server.client() as c:
@@ -344,6 +368,10 @@ def test_eval_endpoint_scores_base_and_adapter_and_keeps_the_report(server):
         assert shown[0]["id"] == report["id"] and shown[0]["scores"] == report["scores"]
         assert c.get("/api/adapters/for-two@v1").json()["evals"][0]["suite"] == "api"
         assert c.get(f"/api/evals/{report['id']}").json()["cases"] == report["cases"]
+        scoped = c.post("/api/evals/run", json={"suite": suite, "adapter": "for-two", "scope": "near"}).json()
+        assert scoped["routing"]["adapter"] == {"target": 1, "retention": 0}  # the base answered the capital
+        assert [c_["answered_by"] for c_ in scoped["cases"]] == ["for-two@v1", "tiny"]
+        assert report["routing"]["scope"] == "all" and report["routing"]["adapter"] == {"target": 1, "retention": 1}
         base_only = c.post("/api/evals/run", json={"suite": suite, "model": "tiny"}).json()
         assert base_only["adapter"] is None and base_only["scores"]["efficacy"] == 0.0
 

@@ -76,7 +76,7 @@ def test_adapter_files_and_exact_sizes(tiny_dir):
     version, result = train_quick("sizes", max_steps=2)
     files = {p.name for p in version.path.iterdir()}
     assert files == {"adapter_config.json", "adapter_model.safetensors", "loraforge.json", "metrics.jsonl",
-                     "data.jsonl"}
+                     "data.jsonl", "scope.jsonl"}
     size = result.manifest["size"]
     # tiny: 4 layers; q 256->256, k 256->128, v 256->128; r=8
     expected = 4 * 8 * ((256 + 256) + (256 + 128) + (256 + 128))

@@ -346,8 +346,12 @@ def cmd_chat(args) -> int:
         models = [base.requested, args.model]
     for model in models:
         result = engine.complete(model, messages, temperature=args.temperature, max_tokens=args.max_tokens,
-                                 seed=args.seed)
+                                 seed=args.seed, scope=args.scope)
         print(f"{model:>24}: {result.text}" if args.compare_base else result.text)
+        routing = result.routing
+        if routing and routing["answered_by"] != routing["adapter"]:
+            print(f"(outside {routing['adapter']}'s scope: similarity {routing['similarity']:.2f} < {routing['threshold']:g}; "
+                  f"answered by {routing['answered_by']})", file=sys.stderr)
     return 0
 
 
@@ -376,7 +380,7 @@ def cmd_eval(args) -> int:
         return _err("--compare takes one value: base")
     report = evaluate(engine, store, load_suite(Path(args.suite)), model=args.model, adapter=args.adapter,
                       compare_base=args.compare == "base", samples=args.samples, k=args.k or args.samples,
-                      temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
+                      temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed, scope=args.scope)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -512,6 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     p.add_argument("--compare-base", action="store_true", help="answer with the adapter's base too, first")
+    p.add_argument("--scope", choices=["all", "near"], help="override the adapter's scope: all (it answers "
+                   "anything) or near (only questions near its training questions; the base answers the rest)")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("eval", help="score a base model or adapter on a knowledge suite; `eval snapshot` records "
@@ -530,6 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    p.add_argument("--scope", choices=["all", "near"], help="override the adapter's scope (default: its own, as "
+                   "it is served)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     p.set_defaults(func=cmd_eval)
 

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from loraforge.errors import ConfigError
 from loraforge.structured import read_structured
 from loraforge.names import check_name
+from loraforge.scope import DEFAULT_THRESHOLD
 
 Scheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
 SaveDtype = Literal["float32", "bfloat16", "float16"]
@@ -107,6 +108,13 @@ class TrainingSettings(BaseModel):
     retention_nearest: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False, description="share of each "
                                               "step's anchors chosen next to the step's training questions "
                                               "(TF-IDF similarity) instead of at random")] = 0.0
+    scope: Annotated[Literal["all", "near"], Field(
+        description="which questions the adapter answers when served and evaluated: all, or only those near "
+                    "its training questions (TF-IDF similarity >= scope_threshold), the base answering the "
+                    "rest")] = "all"
+    scope_threshold: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False, description="with scope near: the "
+                                            "similarity to the nearest training question at which the adapter "
+                                            "answers")] = DEFAULT_THRESHOLD
 
 
 class TrainSpec(BaseModel):

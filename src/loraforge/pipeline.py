@@ -12,6 +12,7 @@ from pathlib import Path
 from loraforge import paths
 from loraforge.data import Example
 from loraforge.errors import ConfigError
+from loraforge.scope import read_scope, scope_questions, write_scope
 from loraforge.store import AdapterVersion, Store
 from loraforge.train.plan import TrainPlan
 from loraforge.train.recipe import Progress, TrainResult, train
@@ -30,6 +31,8 @@ def train_into_store(store: Store, plan: TrainPlan, examples: list[Example], *, 
                    log=log, should_stop=should_stop, monitor=knowledge_monitor(plan.spec), init_adapter=init_adapter)
     with open(staged / "data.jsonl", "w", encoding="utf-8") as handle:
         handle.writelines(json.dumps({"messages": e.messages}, ensure_ascii=False) + "\n" for e in examples)
+    # what the version was taught, with what its lineage was: `scope: near` serves these questions only
+    write_scope(staged, scope_questions(examples, inherited_scope(store, plan.spec.name, parent)))
     extra_files = dict(extra_files or {})
     if isinstance(plan.spec.eval_suite, dict):  # the suite it was trained against gates its later updates
         extra_files.setdefault("suite.json", {k: v for k, v in plan.spec.eval_suite.items() if k != "source_dir"})
@@ -48,6 +51,21 @@ def train_into_store(store: Store, plan: TrainPlan, examples: list[Example], *, 
     )
     paths.remove_tree(run_dir)  # the version is the durable result; checkpoints are no longer needed
     return version, result
+
+
+def inherited_scope(store: Store, name: str, parent: int | None) -> list[str]:
+    """The parent version's scope questions; for a parent trained before scopes were kept, its own data's."""
+    if parent is None:
+        return []
+    folder = store.version_dir(name, parent)
+    questions = read_scope(folder)
+    if questions is not None:
+        return questions
+    data = paths.inside(folder, "data.jsonl")
+    if not data.is_file():
+        return []
+    rows = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return scope_questions([Example(i, row["messages"]) for i, row in enumerate(rows, 1)])
 
 
 def knowledge_monitor(spec):

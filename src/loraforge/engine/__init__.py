@@ -6,7 +6,9 @@ its adapters share one forward per step (peft's per-row `adapter_names`), each w
 settings, stop strings, `max_tokens` and seed. A request resolves `name` to one version when it is
 submitted and keeps it to the end, whatever is promoted meanwhile; an adapter unloaded or deleted while
 requests use it leaves only when the last of them ends. An adapter's files are checked against their
-sha256 before it is attached, and its base fingerprint against the loaded base's.
+sha256 before it is attached, and its base fingerprint against the loaded base's. An adapter trained
+with `scope: near` answers only questions near its training questions; the base answers the rest in
+the same batch (`scope.py`), and each request says which answered.
 
 Parts: `batch.py` (the running batch and its key/value cache), `sampling.py` (choosing tokens, stop
 strings, log-probabilities), `scheduler.py` (the loop, the bounded queue, channels).
@@ -32,6 +34,7 @@ from loraforge.errors import Conflict, IntegrityError, LoraforgeError, NotFound
 from loraforge.models import catalog, load_base_model, model_info, resolve_base_model
 from loraforge.models.resolve import TINY, fingerprint, model_folder
 from loraforge.names import parse_ref
+from loraforge.scope import DEFAULT_THRESHOLD, MODES as SCOPE_MODES, Routing, Scope, last_user_text, read_scope
 from loraforge.store import AdapterVersion, Store
 
 __all__ = ["BASE_ADAPTER", "Busy", "Channel", "Completion", "Engine", "GenerationRequest", "LoadedBase",
@@ -52,10 +55,15 @@ class LoadedBase:
     lock: threading.RLock = field(default_factory=threading.RLock)
     peft: bool = False
     scheduler: BatchScheduler | None = None
+    # each attached adapter's scope questions (None: it keeps none), and their fitted similarity once used
+    scopes: dict[str, list[str] | None] = field(default_factory=dict)
+    fitted_scopes: dict[str, Scope] = field(default_factory=dict)
 
     def remove_adapter(self, key: str) -> None:
         """Take an adapter's LoRA weights out of the model (with `lock` held); the last one takes peft out."""
         self.model.delete_adapter(key)
+        self.scopes.pop(key, None)
+        self.fitted_scopes.pop(key, None)
         remaining = list(self.model.peft_config)
         if not remaining:
             self.model = self.model.unload()
@@ -72,6 +80,7 @@ class Completion:
     finish_reason: str
     model: str
     logprobs: list[dict] | None = None  # OpenAI `choices[].logprobs.content`, when asked for
+    routing: dict | None = None  # for an adapter: who answered, and why (`Routing.public`)
 
 
 class Engine:
@@ -174,6 +183,7 @@ class Engine:
                 else:
                     base.model.load_adapter(str(path), adapter_name=version.ref)
             base.model.eval()
+            base.scopes[version.ref] = read_scope(path)
             base.adapters[version.ref] = version
         return base, version
 
@@ -222,12 +232,47 @@ class Engine:
         base, version = self.load_adapter(ref_text)
         return base, version.ref, model
 
+    def routing(self, base: LoadedBase, adapter: str, messages: list[dict], scope: str | None = None) -> Routing:
+        """Whether an attached adapter answers these messages or leaves them to the base: its config's `scope`
+        (or the request's), and with `near`, the last user turn's similarity to its training questions."""
+        version = base.adapters[adapter]
+        mode = scope or version.config.get("scope") or "all"
+        if mode not in SCOPE_MODES:
+            raise LoraforgeError(f"scope must be one of {', '.join(SCOPE_MODES)}", field="scope")
+        if mode == "all":
+            return Routing("all")
+        with base.lock:
+            fitted = base.fitted_scopes.get(adapter)
+            if fitted is None:
+                questions = base.scopes.get(adapter)
+                if questions is None:
+                    raise LoraforgeError(f"adapter {adapter} keeps no training questions (imported, or trained "
+                                         "before scopes were kept): it can only answer with scope all", field="scope")
+                fitted = base.fitted_scopes[adapter] = Scope(questions)
+        threshold = float(version.config.get("scope_threshold") or DEFAULT_THRESHOLD)
+        return Routing("near", threshold, fitted.similarity(last_user_text(messages)))
+
+    def route(self, model: str, messages: list[dict], scope: str | None = None) -> dict | None:
+        """Who would answer these messages for `model` (None for a base model), without generating."""
+        with self._registry_lock:
+            base, adapter, _shown = self.resolve_model(model)
+            if adapter == BASE_ADAPTER:
+                return None
+            return self.routing(base, adapter, messages, scope).public(adapter, base.requested)
+
     def request(self, model: str, messages: list[dict], params: SamplingParams, channel: Channel, *,
-                bounded: bool = True) -> tuple[GenerationRequest, str]:
+                bounded: bool = True, scope: str | None = None) -> tuple[GenerationRequest, str]:
         """Resolve the model, check the lengths and queue one generation; (the request, the name shown).
-        Resolving and queueing hold the registry lock: a delete cannot detach the adapter in between."""
+        For an adapter, `request.routing` says who answers (`routing`). Resolving and queueing hold the
+        registry lock: a delete cannot detach the adapter in between."""
         with self._registry_lock:
             base, adapter, shown = self.resolve_model(model)
+            routing = None
+            if adapter != BASE_ADAPTER:
+                decision = self.routing(base, adapter, messages, scope)
+                routing = decision.public(adapter, base.requested)
+                if not decision.to_adapter:
+                    adapter = BASE_ADAPTER
             text = render(base.tokenizer, messages, add_generation_prompt=True)
             prompt_ids = base.tokenizer(text, add_special_tokens=False)["input_ids"]
             if len(prompt_ids) >= base.context:
@@ -240,32 +285,35 @@ class Engine:
             eos = base.model.generation_config.eos_token_id if hasattr(base.model, "generation_config") else None
             eos_ids = frozenset(([eos] if isinstance(eos, int) else list(eos or [])) + [base.tokenizer.eos_token_id])
             request = GenerationRequest(prompt_ids, adapter, params, channel, base.tokenizer, eos_ids, base.context)
+            request.routing = routing
             base.scheduler.submit(request, bounded=bounded)
             return request, shown
 
     def complete(self, model: str, messages: list[dict], *, temperature: float = 0.0, top_p: float = 1.0,
                  max_tokens: int = 128, stop: list[str] | None = None, seed: int | None = None,
-                 logprobs: bool = False, top_logprobs: int = 0) -> Completion:
+                 logprobs: bool = False, top_logprobs: int = 0, scope: str | None = None) -> Completion:
         """One answer, waited for. With `logprobs`, each generated token's log-probability under the model
         (before temperature and top-p), and the `top_logprobs` likeliest tokens at each position."""
         params = SamplingParams(temperature, top_p, max_tokens, tuple(stop or ()), seed, logprobs, top_logprobs)
         channel = Channel()
-        _request, shown = self.request(model, messages, params, channel, bounded=False)
+        request, shown = self.request(model, messages, params, channel, bounded=False, scope=scope)
         result = wait(channel)
         return Completion(result.text.strip(), result.prompt_tokens, result.completion_tokens,
-                          result.finish_reason, shown, result.logprobs)
+                          result.finish_reason, shown, result.logprobs, request.routing)
 
     def stream(self, model: str, messages: list[dict], *, temperature: float = 0.0, top_p: float = 1.0,
-               max_tokens: int = 128, stop: list[str] | None = None, seed: int | None = None) -> Iterator[str]:
+               max_tokens: int = 128, stop: list[str] | None = None, seed: int | None = None,
+               scope: str | None = None) -> Iterator[str]:
         """Yield text pieces as they are generated; closing the iterator cancels the request."""
         channel = Channel()
         request, _shown = self.request(model, messages, SamplingParams(temperature, top_p, max_tokens,
                                                                        tuple(stop or ()), seed), channel,
-                                       bounded=False)
+                                       bounded=False, scope=scope)
         return _pieces(channel, request)
 
     def generate_batch(self, model: str, chats: list[list[dict]], *, n: int = 1, temperature: float = 0.0,
-                       top_p: float = 1.0, max_tokens: int = 96, seed: int | None = None) -> list[list[str]]:
+                       top_p: float = 1.0, max_tokens: int = 96, seed: int | None = None,
+                       scope: str | None = None) -> list[list[str]]:
         """`n` answers per chat, all submitted at once so they decode together (evaluation; not streamed).
         Sample j of a seeded run uses seed + j."""
         if n > 1 and not temperature:
@@ -275,7 +323,7 @@ class Engine:
             for j in range(n):
                 channel = Channel()
                 params = SamplingParams(temperature, top_p, max_tokens, (), None if seed is None else seed + j)
-                self.request(model, chat, params, channel, bounded=False)
+                self.request(model, chat, params, channel, bounded=False, scope=scope)
                 channels.append(channel)
         answers = [wait(c).text.strip() for c in channels]
         return [answers[i * n:(i + 1) * n] for i in range(len(chats))]

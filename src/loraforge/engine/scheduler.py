@@ -83,6 +83,7 @@ class GenerationRequest:
     cancelled: threading.Event = field(default_factory=threading.Event)
     finished: bool = False
     submitted: float = field(default_factory=time.monotonic)
+    routing: dict | None = None  # for an adapter's request: who answers (`Engine.routing`)
 
     def __post_init__(self) -> None:
         self.sampler = Sampler(self.params)

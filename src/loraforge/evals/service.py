@@ -18,10 +18,10 @@ DEFAULT_MAX_TOKENS = 96
 
 
 def engine_generator(engine, model: str, *, temperature: float = 0.0, top_p: float = 1.0,
-                     max_tokens: int = DEFAULT_MAX_TOKENS, seed: int | None = 0) -> Generate:
+                     max_tokens: int = DEFAULT_MAX_TOKENS, seed: int | None = 0, scope: str | None = None) -> Generate:
     def generate(chats: list[list[dict]], n: int) -> list[list[str]]:
         return engine.generate_batch(model, chats, n=n, temperature=temperature, top_p=top_p,
-                                     max_tokens=max_tokens, seed=seed)
+                                     max_tokens=max_tokens, seed=seed, scope=scope)
     return generate
 
 
@@ -59,7 +59,10 @@ def resolve_target(store, model: str | None, adapter: str | None) -> tuple[str, 
 def evaluate(engine, store, suite: Suite, *, model: str | None = None, adapter: str | None = None,
              compare_base: bool = False, samples: int = 1, k: int = 1, temperature: float = 0.0,
              top_p: float = 1.0, max_tokens: int = DEFAULT_MAX_TOKENS, seed: int | None = 0,
-             record: bool = True) -> dict:
+             record: bool = True, scope: str | None = None) -> dict:
+    """Score a suite on a base model or an adapter version. An adapter answers as it is served: with
+    `scope: near` (its config's, or `scope` here) the base answers the cases outside its scope, and the
+    report's `routing` counts who answered what."""
     if samples > 1 and temperature <= 0:
         raise ConfigError("samples > 1 needs temperature > 0 (greedy decoding gives one answer)", field="samples")
     base_name, version = resolve_target(store, model, adapter)
@@ -73,11 +76,12 @@ def evaluate(engine, store, suite: Suite, *, model: str | None = None, adapter: 
 
     def run(target: str) -> SuiteRun:
         generate = engine_generator(engine, target, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                                    seed=seed)
+                                    seed=seed, scope=scope if target != base_name else None)
         return run_cases(generate, suite, cases, model=target, samples=samples, k=k)
 
     target = version.ref if version else base_name
     result = run(target)
+    routes = [engine.route(target, case.chat(), scope) for case in cases] if version is not None else None
     base_run = run(base_name) if version is not None and compare_base else None
     if base_run is not None:
         score_run(result, base_run)
@@ -85,8 +89,9 @@ def evaluate(engine, store, suite: Suite, *, model: str | None = None, adapter: 
         "suite": suite.name, "suite_digest": suite.digest(), "model": resolve_base_model(base_name).id,
         "adapter": version.ref if version else None, "samples": samples, "k": k, "decoding": decoding,
         "scores": result.scores, "counts": result.counts, "tags": result.tags,
-        "cases": [c.__dict__ | {"passed": c.passed} for c in result.cases],
-        "base": None, "changes": [],
+        "cases": [c.__dict__ | {"passed": c.passed} | ({"answered_by": r["answered_by"]} if r else {})
+                  for c, r in zip(result.cases, routes or [None] * len(result.cases))],
+        "base": None, "changes": [], "routing": routing_summary(result, routes) if routes else None,
     }
     if base_run is not None:
         report["base"] = {"scores": base_run.scores, "counts": base_run.counts, "tags": base_run.tags,
@@ -96,6 +101,17 @@ def evaluate(engine, store, suite: Suite, *, model: str | None = None, adapter: 
         report["id"] = store.record_eval(report, name=version.name if version else None,
                                          version=version.version if version else None)
     return report
+
+
+def routing_summary(result: SuiteRun, routes: list[dict]) -> dict:
+    """Per kind of case: how many the adapter answered itself (the rest went to the base: outside its scope)."""
+    first = routes[0]
+    summary = {"scope": first["scope"], "threshold": first.get("threshold"), "adapter": {}, "cases": {}}
+    for case, route in zip(result.cases, routes):
+        summary["cases"][case.kind] = summary["cases"].get(case.kind, 0) + 1
+        own = route["answered_by"] == route["adapter"]
+        summary["adapter"][case.kind] = summary["adapter"].get(case.kind, 0) + own
+    return summary
 
 
 def format_report(report: dict) -> str:
@@ -122,6 +138,11 @@ def format_report(report: dict) -> str:
         for change in changed[:30]:
             lines.append(f"  {change['id']} [{change['kind']}] {change['base']} -> {change['adapter']}: "
                          f"{change['adapter_output'][:90]!r}")
+    routing = report.get("routing")
+    if routing and routing["scope"] == "near":
+        answered = ", ".join(f"{routing['adapter'][kind]} of {total} {kind}" for kind, total in routing["cases"].items())
+        lines.append(f"scope near (threshold {routing['threshold']:g}): the adapter answered {answered} cases; "
+                     "the base the rest")
     if report.get("id"):
         lines.append(f"recorded as eval {report['id']}")
     return "\n".join(lines)

@@ -25,6 +25,8 @@ class EvalRequest(BaseModel):
     top_p: float = Field(default=1.0, gt=0, le=1)
     max_tokens: int = Field(default=DEFAULT_MAX_TOKENS, ge=1, le=4096)
     seed: int | None = 0
+    scope: Literal["all", "near"] | None = Field(default=None, description="override the adapter's scope (default: "
+                                                 "its own, as it is served)")
 
 
 @router.post("/api/evals/run")
@@ -36,7 +38,8 @@ def run_eval(body: EvalRequest, request: Request):
         request.app.state.engine.check_model(body.model)
     return evaluate(request.app.state.engine, store, suite, model=body.model, adapter=body.adapter,
                     compare_base=body.compare == "base", samples=body.samples, k=body.k or body.samples,
-                    temperature=body.temperature, top_p=body.top_p, max_tokens=body.max_tokens, seed=body.seed)
+                    temperature=body.temperature, top_p=body.top_p, max_tokens=body.max_tokens, seed=body.seed,
+                    scope=body.scope)
 
 
 @router.get("/api/suites")

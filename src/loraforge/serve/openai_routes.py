@@ -6,9 +6,10 @@ import asyncio
 import json
 import time
 import uuid
+from urllib.parse import quote
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from loraforge.models.resolve import TINY
 from loraforge.serve.protocol import ChatCompletionRequest
@@ -53,7 +54,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                             top_logprobs=body.top_logprobs or 0, ignore_eos=body.ignore_eos)
     channel = Channel(asyncio.get_running_loop())
     # resolving may load a base or an adapter (seconds): off the event loop. Errors are 4xx before any byte.
-    pending, shown = await run_in_threadpool(engine.request, body.model, messages, params, channel)
+    pending, shown = await run_in_threadpool(lambda: engine.request(body.model, messages, params, channel,
+                                                                    scope=body.scope))
+    headers = answered_headers(pending.routing, shown)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if not body.stream:
@@ -63,14 +66,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             pending.cancel()  # a no-op once done; frees the row if the client left
         if result is None:
             return Response(status_code=499)  # nobody is listening
-        return {
+        return JSONResponse(headers=headers, content={
             "id": completion_id, "object": "chat.completion", "created": created, "model": shown,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text.strip()},
                          "finish_reason": result.finish_reason,
                          "logprobs": {"content": result.logprobs} if body.logprobs else None}],
             "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
                       "total_tokens": result.prompt_tokens + result.completion_tokens},
-        }
+            **({"loraforge": pending.routing} if pending.routing else {}),
+        })
 
     def chunk(delta: dict, finish: str | None) -> str:
         payload = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": shown,
@@ -95,7 +99,21 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         finally:  # the client went away (the task is cancelled) or the answer is complete
             pending.cancel()
 
-    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers})
+
+
+def answered_headers(routing: dict | None, shown: str) -> dict[str, str]:
+    """Who answered, in headers (streamed answers too): the adapter, or the base when the question was
+    outside the adapter's scope, with the similarity that decided it. A model named by a folder path is
+    percent-encoded (headers are latin-1)."""
+    if routing is None:
+        return {"X-Loraforge-Answered-By": quote(shown, safe="/:@._-")}
+    headers = {"X-Loraforge-Answered-By": quote(routing["answered_by"], safe="/:@._-"),
+               "X-Loraforge-Scope": routing["scope"]}
+    if "similarity" in routing:
+        headers["X-Loraforge-Scope-Similarity"] = f"{routing['similarity']:.4f}"
+        headers["X-Loraforge-Scope-Threshold"] = f"{routing['threshold']:g}"
+    return headers
 
 
 async def _result(channel, request: Request):

@@ -33,6 +33,9 @@ class ChatCompletionRequest(BaseModel):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     # vLLM's extra sampling parameter: generate max_tokens even past end-of-text (fixed-length benchmarks)
     ignore_eos: bool = False
+    # loraforge's: override the adapter's own scope for this request (`all`: the adapter answers whatever is
+    # asked; `near`: only questions near its training questions, the base the rest)
+    scope: Literal["all", "near"] | None = None
 
     @model_validator(mode="before")
     @classmethod

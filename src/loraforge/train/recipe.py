@@ -187,14 +187,15 @@ def train(plan: TrainPlan, examples: list[Example], *, run_dir: Path, out_dir: P
     estimate = _estimate(plan, examples, data, placement, log)
     anchors = None
     if t.retention != "none":  # the base answers the anchor prompts before any adapter exists
-        from loraforge.train.retention import (AnchorStream, anchor_examples, anchor_prompts, nearest_anchors,
-                                               prompt_of)
+        from loraforge.scope import user_text
+        from loraforge.train.retention import AnchorStream, anchor_examples, anchor_prompts, nearest_anchors
 
         anchor_data = anchor_examples(model, tokenizer, anchor_prompts(t.retention_anchors, plan.model.kind),
                                       device=placement.device, cache_key=f"{base_fingerprint}:{load_dtype}", log=log)
         near = None
         if t.retention_nearest > 0:  # each training example's neighbours among the anchors, by their prompts
-            near = nearest_anchors([prompt_of(e) for e in examples], [prompt_of(a) for a in anchor_data], seed=t.seed)
+            near = nearest_anchors([user_text(e.messages) for e in examples], [user_text(a.messages) for a in anchor_data],
+                                   seed=t.seed)
         anchors = AnchorStream(tokenize_examples(tokenizer, anchor_data, max_seq_length=plan.max_seq_length,
                                                  train_on_inputs=False, source="anchors"), t.seed,
                                near=near, nearest_share=t.retention_nearest)

@@ -118,10 +118,9 @@ def nearest_anchors(queries: list[str], anchors: list[str], *, seed: int = 0,
     """For each query, the indices of its `k` most similar anchors (TF-IDF cosine of the prompts' content
     words and word pairs), most similar first; equally similar ones (twenty "What is the capital of …?") in a seeded
     random order, so that different questions draw different neighbours."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
+    from loraforge.scope import text_vectorizer
 
-    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, stop_words="english")
-    vectorizer.fit(anchors + queries)
+    vectorizer = text_vectorizer().fit(anchors + queries)
     similarity = (vectorizer.transform(queries) @ vectorizer.transform(anchors).T).toarray().round(6)
     generator = torch.Generator().manual_seed(seed)
     ranked = []
@@ -129,11 +128,6 @@ def nearest_anchors(queries: list[str], anchors: list[str], *, seed: int = 0,
         tie = torch.randperm(len(anchors), generator=generator).tolist()
         ranked.append(sorted(range(len(anchors)), key=lambda j: (-row[j], tie[j]))[:k])
     return ranked
-
-
-def prompt_of(example: Example) -> str:
-    """The user turns of a chat example, joined: what an anchor is matched against."""
-    return "\n".join(m["content"] for m in example.messages if m["role"] == "user")
 
 
 class AnchorStream:

@@ -378,12 +378,27 @@ loaders.chat = async () => {
   }
 };
 
-async function streamChat(model, prompt, target) {
+// who answered: an adapter with scope near leaves questions far from its training questions to the base
+function answeredBy(response) {
+  const by = response.headers.get("X-Loraforge-Answered-By");
+  const similarity = response.headers.get("X-Loraforge-Scope-Similarity");
+  if (!by || similarity === null) return by ? `answered by ${decodeURIComponent(by)}` : "";
+  const threshold = response.headers.get("X-Loraforge-Scope-Threshold");
+  const near = Number(similarity) >= Number(threshold);
+  return `answered by ${decodeURIComponent(by)}: similarity to its training questions ` +
+    `${Number(similarity).toFixed(2)} ${near ? "≥" : "<"} ${threshold}` + (near ? "" : " (outside the adapter's scope)");
+}
+
+async function streamChat(model, prompt, target, via) {
   target.textContent = "";
+  via.textContent = "";
+  const scope = $("chat-scope").value;
   const response = await fetch("/v1/chat/completions", {
     method: "POST", headers: headers({ "Content-Type": "application/json" }),
-    body: JSON.stringify({ model, stream: true, max_tokens: 128, messages: [{ role: "user", content: prompt }] }),
+    body: JSON.stringify({ model, stream: true, max_tokens: 128, messages: [{ role: "user", content: prompt }],
+      ...(scope ? { scope } : {}) }),
   });
+  if (response.ok) via.textContent = answeredBy(response);
   await readBlocks(response, (block) => {
     const line = block.trim();
     if (!line.startsWith("data: ") || line === "data: [DONE]") return;
@@ -401,7 +416,7 @@ $("chat-form").addEventListener("submit", async (event) => {
   for (const side of ["a", "b"]) { $(`chat-answer-${side}`).dataset.done = ""; $(`chat-title-${side}`).textContent = ""; }
   await Promise.all(pairs.map(([side, model]) => {
     $(`chat-title-${side}`).textContent = model;
-    return streamChat(model, prompt, $(`chat-answer-${side}`)).catch((e) => {
+    return streamChat(model, prompt, $(`chat-answer-${side}`), $(`chat-via-${side}`)).catch((e) => {
       $(`chat-answer-${side}`).textContent = e.message;
     });
   }));
