@@ -259,6 +259,25 @@ def test_demo_end_to_end(tiny_dir, tmp_path):
     assert "| v3_anchored |" in result.stdout
 
 
+def test_the_demo_measures_a_scoped_config_as_served_and_answering_everything(tiny_dir, tmp_path):
+    import shutil
+
+    from loraforge.demo import EXAMPLE_DIR, run_demo
+
+    folder = tmp_path / "example"
+    shutil.copytree(EXAMPLE_DIR, folder)
+    config = json.loads((folder / "v1_surgical.json").read_text())
+    config["training_config"] |= {"scope": "near", "max_steps": 2, "warmup_steps": 0, "eval_steps": None}
+    (folder / "scoped.json").write_text(json.dumps(config))
+    summary = run_demo(tmp_path / "out", example_dir=folder, configs=("scoped.json",), log=lambda m: None)
+    assert [r["config"] for r in summary["rows"]] == ["base", "scoped (scope near)", "scoped (scope all)"]
+    reports = json.loads((tmp_path / "out" / "demo.json").read_text())["reports"]
+    near, everything = reports["for-two-surgical@v1"]["routing"], reports["for-two-surgical@v1 scope all"]["routing"]
+    assert near["scope"] == "near" and everything["scope"] == "all"
+    assert near["adapter"]["target"] == everything["adapter"]["target"] == near["cases"]["target"]  # its questions
+    assert near["adapter"]["retention"] < everything["adapter"]["retention"] == near["cases"]["retention"]
+
+
 def test_the_built_in_anchors_never_ask_what_the_retention_probes_ask():
     """Retention is measured on questions the run never saw: no probe prompt is an anchor, and no country
     whose capital a probe asks for is an anchor's (the same fact in other words would leak it)."""

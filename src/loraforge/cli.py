@@ -407,7 +407,7 @@ def cmd_demo(args) -> int:
     console = _console()
     if args.model == "tiny":
         build_tiny_with_progress()
-    summary = run_demo(Path(args.out), model=args.model, device=args.device,
+    summary = run_demo(Path(args.out), model=args.model, device=args.device, configs=tuple(args.configs or ()) or None,
                        log=lambda m: console.print(m, markup=False))
     console.print()
     console.print(to_markdown(summary), markup=False)
@@ -543,6 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_adapters.add_update_parser(sub)
 
+    from loraforge.demo import CONFIGS, REAL_MODEL_CONFIGS
+
     p = sub.add_parser("demo", help="the knowledge-override scenario end to end: evaluate, train v1/v2/v3 (or the recommended "
                                     "config on a real model), "
                                     "compare (table, Markdown, PNG)")
@@ -550,6 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="tiny", help="base model (default: the built-in tiny model; "
                    "smollm2-135m-instruct runs v1, v2 and the recommended config on the real model)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    p.add_argument("--configs", nargs="+", metavar="CONFIG",
+                   choices=sorted({*CONFIGS, *REAL_MODEL_CONFIGS}),
+                   help="only these of the shipped configs (default: all of them for the model)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("export", help="an adapter where you run models: peft, merged, gguf (llama.cpp), ollama, vllm")

@@ -69,15 +69,20 @@ def run_demo(out_dir: Path, *, example_dir: Path = EXAMPLE_DIR, configs: tuple[s
             f"{', '.join(spec.lora.target_modules)}, lr {spec.training.learning_rate:g}")
         version, result = train_into_store(store, plan, examples, run_id=f"demo-{spec.name}",
                                            on_progress=on_progress, log=lambda m: None)
-        report = evaluate(engine, store, suite, adapter=version.ref, compare_base=True)
-        reports[version.ref] = report
         size, training = result.manifest["size"], result.manifest["training"]
-        rows.append({"config": name.removesuffix(".json"), "adapter": version.ref,
-                     **{k: report["scores"][k] for k in SCORES}, "answer": _answer(report),
-                     "trainable_parameters": size["trainable_parameters"], "adapter_bytes": size["bytes_on_disk"],
-                     "training_seconds": training["seconds"], "steps": training["steps"]})
-        log(f"  {version.ref}: " + ", ".join(f"{k} {_pct(report['scores'][k])}" for k in SCORES)
-            + f", {size['bytes_on_disk']:,} bytes, {training['seconds']:.1f} s; answers: {_answer(report)}")
+        # as served; a scoped adapter is also measured answering everything, to show what its scope keeps
+        scopes = [None, "all"] if spec.training.scope == "near" else [None]
+        for scope in scopes:
+            report = evaluate(engine, store, suite, adapter=version.ref, compare_base=True, scope=scope)
+            label = name.removesuffix(".json") + (" (scope near)" if len(scopes) > 1 and scope is None else
+                                                   " (scope all)" if scope else "")
+            reports[version.ref + (f" scope {scope}" if scope else "")] = report
+            rows.append({"config": label, "adapter": version.ref,
+                         **{k: report["scores"][k] for k in SCORES}, "answer": _answer(report),
+                         "trainable_parameters": size["trainable_parameters"], "adapter_bytes": size["bytes_on_disk"],
+                         "training_seconds": training["seconds"], "steps": training["steps"]})
+            log(f"  {label} {version.ref}: " + ", ".join(f"{k} {_pct(report['scores'][k])}" for k in SCORES)
+                + f", {size['bytes_on_disk']:,} bytes, {training['seconds']:.1f} s; answers: {_answer(report)}")
         engine.unload_adapter(version.ref)
     summary = {"model": model, "suite": suite.name, "question": question, "rows": rows,
                "seconds": round(time.perf_counter() - started, 1), "counts": base_report["counts"]}
