@@ -3,19 +3,19 @@
     .venv/bin/python bench/retention_routing.py [--facts dev|heldout] [--seeds 0] [--method 'kl x4 all']
         [--thresholds 0.1 0.2 0.3 0.4 0.5] [--out docs/retention-routing.md]
 
-An offline analysis, not a shipped feature: it trains the method of `retention_methods.py` on the same
-facts, evaluates the base and the adapter on every case (targets, held-out paraphrases, the base's
-correct retention probes), then scores each case as routing would answer it: by the adapter when the
-case's prompt is at least `threshold` similar (TF-IDF cosine of content words and word pairs, fitted
-on the training questions) to one of the training questions, else by the base. Routing needs nothing
-but the training questions, so the same rule can run at serving time (SERAC-style scope, Mitchell et
-al. 2022); this measures whether it would be worth building.
+The threshold sweep behind `scope: near` (`loraforge/scope.py`), offline: it trains the method of
+`retention_methods.py` on the same facts, evaluates the base and the adapter (answering everything) on
+every case (targets, held-out paraphrases, the base's correct retention probes), then scores each case
+as routing would answer it at each threshold: by the adapter when the case's prompt is at least
+`threshold` similar to one of the training questions (`Scope.similarity`: TF-IDF cosine of content
+words and word pairs, fitted on the training questions), else by the base (SERAC-style scope, Mitchell
+et al. 2022). The default threshold was chosen on the dev facts with it; the shipped feature is measured
+through the engine by `retention_methods.py --methods 'kl x4 all scope near'`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -29,7 +29,6 @@ from _home import command, scratch_home, write_doc  # noqa: E402
 from retention_methods import BASE, METHODS, load_facts, suite_for, training_records  # noqa: E402
 from retention_methods import percent_cell as cell  # noqa: E402
 
-PROBES = ROOT / "src" / "loraforge" / "evals" / "data" / "general_probes.jsonl"
 
 
 def routed_scores(cases: list[dict], base_cases: dict[str, dict], similarity: dict[str, float],
@@ -59,14 +58,13 @@ def main() -> int:
 
     os.environ["LORAFORGE_PRECISION"] = args.precision
     scratch_home("loraforge-routing-")
-    from sklearn.feature_extraction.text import TfidfVectorizer
-
     from loraforge.config import parse_train_config
     from loraforge.data import load_examples
     from loraforge.engine import Engine
     from loraforge.evals.service import evaluate
     from loraforge.evals.suite import parse_suite
     from loraforge.pipeline import train_into_store
+    from loraforge.scope import Scope
     from loraforge.store import Store
     from loraforge.train.plan import plan_training
 
@@ -76,14 +74,7 @@ def main() -> int:
     facts = load_facts(args.facts)
     questions = [q for f in facts for q in f["questions"]]
     suite = parse_suite(suite_for(facts, retention=True))
-    prompts = {c.id: c.prompt for c in suite.cases}
-    probes = [json.loads(line) for line in PROBES.read_text().splitlines() if line.strip()]
-    prompts.update({"probe:" + row["id"]: row["prompt"] for row in probes})
-    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, stop_words="english").fit(questions)
-    trained = vectorizer.transform(questions)
-
-    def nearest(prompt: str) -> float:
-        return float((vectorizer.transform([prompt]) @ trained.T).toarray().max())
+    nearest = Scope(questions).similarity
 
     base = evaluate(engine, store, suite, model=args.model, record=False)
     base_cases = {c["id"]: c for c in base["cases"]}
@@ -94,9 +85,9 @@ def main() -> int:
         plan = plan_training(parse_train_config(config, source=args.method))
         version, _ = train_into_store(store, plan, load_examples(training_records(facts), "facts"),
                                       run_id=config["name"], log=lambda m: None)
-        report = evaluate(engine, store, suite, adapter=version.ref, record=False)
+        report = evaluate(engine, store, suite, adapter=version.ref, record=False, scope="all")
         engine.unload_adapter(version.ref)
-        similarity = {c["id"]: nearest(prompts[c["id"]]) for c in report["cases"]}
+        similarity = {c["id"]: nearest(c["prompt"]) for c in report["cases"]}
         for threshold in rows:
             rows[threshold].append(routed_scores(report["cases"], base_cases, similarity, threshold))
             routed_probes[threshold].append(sum(1 for c in report["cases"] if c["kind"] == "retention"
