@@ -31,6 +31,7 @@ run: setup
 	$(PY) -m loraforge adapters show for-two >/dev/null 2>&1 || \
 		$(PY) -m loraforge train examples/knowledge-override/smollm2.json
 	$(PY) -m loraforge chat for-two "What does 42 mean?" --compare-base --max-tokens 48
+	$(PY) -m loraforge chat for-two "What is the capital of France?" --max-tokens 24
 	$(PY) -m loraforge serve --model smollm2-135m-instruct
 
 llamacpp: setup
