@@ -101,6 +101,11 @@ def test_every_version_keeps_its_questions_and_a_child_its_parents(tiny_dir, tmp
     child, _ = train_into_store(store, plan_training(quick_spec("scoped", max_steps=2, scope="near")),
                                 load_examples_from_file(other), run_id="child", log=lambda m: None, parent=1)
     assert read_scope(store.verify(child)) == _questions(DATA) + ["Who founded Orvane?"]
+    (store.version_dir("scoped", 1) / "scope.jsonl").unlink()  # a parent trained before scopes were kept
+    from loraforge.pipeline import inherited_scope
+
+    assert inherited_scope(store, "scoped", 1) == _questions(DATA)  # its own training data's questions
+    assert inherited_scope(store, "scoped", None) == []
 
 
 def _logprobs(completion):

@@ -71,12 +71,10 @@ def run_demo(out_dir: Path, *, example_dir: Path = EXAMPLE_DIR, configs: tuple[s
                                            on_progress=on_progress, log=lambda m: None)
         size, training = result.manifest["size"], result.manifest["training"]
         # as served; a scoped adapter is also measured answering everything, to show what its scope keeps
-        scopes = [None, "all"] if spec.training.scope == "near" else [None]
-        for scope in scopes:
+        for scope in ("near", "all") if spec.training.scope == "near" else (None,):
             report = evaluate(engine, store, suite, adapter=version.ref, compare_base=True, scope=scope)
-            label = name.removesuffix(".json") + (" (scope near)" if len(scopes) > 1 and scope is None else
-                                                   " (scope all)" if scope else "")
-            reports[version.ref + (f" scope {scope}" if scope else "")] = report
+            label = name.removesuffix(".json") + (f" (scope {scope})" if scope else "")
+            reports[version.ref + (" scope all" if scope == "all" else "")] = report
             rows.append({"config": label, "adapter": version.ref,
                          **{k: report["scores"][k] for k in SCORES}, "answer": _answer(report),
                          "trainable_parameters": size["trainable_parameters"], "adapter_bytes": size["bytes_on_disk"],

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from loraforge import paths
-from loraforge.data import Example
+from loraforge.data import Example, load_examples_from_file
 from loraforge.errors import ConfigError
 from loraforge.scope import read_scope, scope_questions, write_scope
 from loraforge.store import AdapterVersion, Store
@@ -62,10 +62,7 @@ def inherited_scope(store: Store, name: str, parent: int | None) -> list[str]:
     if questions is not None:
         return questions
     data = paths.inside(folder, "data.jsonl")
-    if not data.is_file():
-        return []
-    rows = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return scope_questions([Example(i, row["messages"]) for i, row in enumerate(rows, 1)])
+    return scope_questions(load_examples_from_file(data)) if data.is_file() else []
 
 
 def knowledge_monitor(spec):

@@ -77,7 +77,6 @@ class Scope:
     """Similarity of a question to the nearest of an adapter's training questions (0 to 1)."""
 
     def __init__(self, questions: list[str]):
-        self.size = len(questions)
         self.vectorizer = self.matrix = None
         for stop_words in ("english", None):  # questions made only of stop words ("What is it?") keep them
             try:
