@@ -1,6 +1,8 @@
-"""Per-domain spread on the built-in model: best, median and worst test accuracy over a small LoRA grid.
+"""Per-domain spread: best, median and worst test accuracy over a small LoRA grid, on the built-in model
+or a real one.
 
-    .venv/bin/python bench/domain_spread.py [--domains financial legal ...] [--epochs 8] [--train-size 64]
+    .venv/bin/python bench/domain_spread.py [--model tiny|smollm2-135m-instruct|FOLDER] [--domains financial legal ...]
+        [--epochs 8] [--train-size 64] [--learning-rates 3e-4 3e-3] [--ranks 4 16] [--targets q_proj+v_proj all-linear]
         [--out docs/domain-spread.md]
 
 Runs the tuner itself (`strategy: grid`, one study per domain) on a scratch home. Every trial trains on
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -36,12 +39,21 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=EPOCHS, help="epochs per trial (default %(default)s)")
     parser.add_argument("--train-size", type=int, default=TRAIN_SIZE,
                         help="training tasks per domain (default %(default)s)")
+    parser.add_argument("--model", default="tiny", help="the base: tiny, a catalog alias, a folder (default tiny)")
+    parser.add_argument("--learning-rates", type=float, nargs="+", default=SPACE["learning_rate"])
+    parser.add_argument("--ranks", type=int, nargs="+", default=SPACE["r"])
+    parser.add_argument("--targets", nargs="+", default=["q_proj+v_proj", "all-linear"],
+                        help="target module sets: all-linear, or module names joined by +")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="auto")
     parser.add_argument("--out", default=str(ROOT / "docs" / "domain-spread.md"))
     args = parser.parse_args()
+    space = {"learning_rate": args.learning_rates, "r": args.ranks,
+             "target_modules": [t if t == "all-linear" else t.split("+") for t in args.targets]}
+    os.environ["LORAFORGE_PRECISION"] = "" if args.precision == "auto" else args.precision
 
     home = scratch_home("loraforge-spread-")
 
-    from loraforge.models.tiny import build
+    from loraforge.models.resolve import model_folder, resolve_base_model
     from loraforge.tune.domains import DOMAINS
     from loraforge.tune.runner import run_tuning
     from loraforge.tune.spec import parse_tune_spec
@@ -50,11 +62,11 @@ def main() -> int:
 
     from loraforge.tune.objective import domain_data, score
 
-    model_dir = build.build()
+    model_dir = model_folder(resolve_base_model(args.model))
     domains = args.domains or sorted(DOMAINS)
-    spec = parse_tune_spec({"name": "spread", "domains": domains, "strategy": "grid", "epochs": args.epochs,
+    spec = parse_tune_spec({"name": "spread", "model": args.model, "domains": domains, "strategy": "grid", "epochs": args.epochs,
                             "train_size": args.train_size,
-                            "space": SPACE, "fixed": {"batch_size": 8, "lora_dropout": 0.0}})
+                            "space": space, "fixed": {"batch_size": 8, "lora_dropout": 0.0}})
     base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     base_scores = {d: score(base, tokenizer, domain_data(spec, d).test, device="cpu", max_tokens=spec.max_new_tokens)
@@ -72,11 +84,12 @@ def main() -> int:
                      min(tests), len(tests)))
         print(rows[-1], flush=True)
     configs = rows[0][5] if rows else 0
-    lines = [f"Test accuracy (exact match, 32 held-out tasks, greedy) on the built-in model after LoRA on "
+    model = "the built-in model" if args.model == "tiny" else f"`{args.model}`"
+    lines = [f"Test accuracy (exact match, 32 held-out tasks, greedy) on {model} after LoRA on "
              f"{args.train_size} training tasks, up to {args.epochs} epochs (the epoch with the best validation "
              f"accuracy is kept), over "
-             f"the grid learning_rate {SPACE['learning_rate']} x r {SPACE['r']} x target_modules "
-             f"[q_proj+v_proj, all-linear] ({configs} configs per domain, `loraforge tune` with strategy grid). "
+             f"the grid learning_rate {args.learning_rates} x r {args.ranks} x target_modules "
+             f"[{', '.join(args.targets)}] ({configs} configs per domain, `loraforge tune` with strategy grid). "
              f"Measured by "
              f"`{command('domain_spread.py')}` in {seconds:.0f} s "
              "on 2 CPU cores.", "",

@@ -6,7 +6,7 @@ import math
 import pytest
 import yaml
 
-from conftest import SEEDS
+from conftest import EXAMPLES, SEEDS
 from loraforge.config import load_config_file, parse_train_config
 from loraforge.errors import ConfigError, LoraforgeError
 from loraforge.train.plan import plan_training
@@ -150,3 +150,23 @@ def test_config_must_be_a_mapping(tmp_path):
     path.write_text(json.dumps([1, 2]))
     with pytest.raises(ConfigError, match="mapping"):
         load_config_file(path)
+
+
+SHIPPED = sorted(p for folder in ("knowledge-override", "continuous") for p in (EXAMPLES / folder).glob("*.json"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_config_parses_and_finds_its_data_and_suite(path):
+    from loraforge.data import load_examples_from_files
+    from loraforge.evals.suite import resolve_suite
+
+    spec = parse_train_config(load_config_file(path), source=path.name)
+    data = [spec.training_data] if isinstance(spec.training_data, str) else spec.training_data
+    examples = load_examples_from_files([path.parent / f for f in data])
+    assert examples
+    if spec.eval_suite is not None:
+        suite = resolve_suite(spec.eval_suite, path.parent, contain=False)
+        assert any(c.kind == "target" for c in suite.cases)
+    if spec.eval_suite is not None and spec.training.eval_steps is not None:  # "scored once at the end": the last step
+        steps = math.ceil(len(examples) / spec.training.batch_size) * spec.training.num_epochs
+        assert spec.training.eval_steps == steps / spec.training.gradient_accumulation_steps
