@@ -49,9 +49,9 @@ def main() -> int:
     scratch_home("loraforge-bench-")
     os.environ["LORAFORGE_PRECISION"] = "" if args.precision == "auto" else args.precision
 
-    from loraforge.config import load_config_file, parse_train_config
+    from loraforge.cli import _load_spec
     from loraforge.continuous import UpdateOptions, run_update
-    from loraforge.data import load_examples_from_file, load_examples_from_files
+    from loraforge.data import load_examples_from_file
     from loraforge.engine import Engine
     from loraforge.evals.gate import GatePolicy, decide_promotion
     from loraforge.evals.service import evaluate
@@ -65,12 +65,9 @@ def main() -> int:
         build.build()
     store = Store()
     started = time.perf_counter()
-    raw = load_config_file(EXAMPLE / FOUNDATIONS[args.model])
-    spec = parse_train_config(raw, source=FOUNDATIONS[args.model])
+    # the config, its suite and its data, read exactly as `loraforge train CONFIG` reads them
+    spec, examples, _ = _load_spec(argparse.Namespace(config=str(EXAMPLE / FOUNDATIONS[args.model])))
     suite = resolve_suite(spec.eval_suite, EXAMPLE, contain=False)
-    spec = spec.model_copy(update={"eval_suite": suite.model_dump(mode="json")})
-    data = [spec.training_data] if isinstance(spec.training_data, str) else spec.training_data
-    examples = load_examples_from_files([EXAMPLE / f for f in data])
     foundation, _ = train_into_store(store, plan_training(spec), examples, run_id="bench-foundation",
                                      log=lambda m: None)
     foundation_seconds = time.perf_counter() - started

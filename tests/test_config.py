@@ -157,16 +157,15 @@ SHIPPED = sorted(p for folder in ("knowledge-override", "continuous") for p in (
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_shipped_config_parses_and_finds_its_data_and_suite(path):
-    from loraforge.data import load_examples_from_files
-    from loraforge.evals.suite import resolve_suite
+    from argparse import Namespace
 
-    spec = parse_train_config(load_config_file(path), source=path.name)
-    data = [spec.training_data] if isinstance(spec.training_data, str) else spec.training_data
-    examples = load_examples_from_files([path.parent / f for f in data])
+    from loraforge.cli import _load_spec
+    from loraforge.evals.suite import parse_suite
+
+    spec, examples, _ = _load_spec(Namespace(config=str(path)))  # as `loraforge train` reads it
     assert examples
     if spec.eval_suite is not None:
-        suite = resolve_suite(spec.eval_suite, path.parent, contain=False)
-        assert any(c.kind == "target" for c in suite.cases)
+        assert any(c.kind == "target" for c in parse_suite(spec.eval_suite, source=path.name).cases)
     if spec.eval_suite is not None and spec.training.eval_steps is not None:  # "scored once at the end": the last step
         steps = math.ceil(len(examples) / spec.training.batch_size) * spec.training.num_epochs
         assert spec.training.eval_steps == steps / spec.training.gradient_accumulation_steps
