@@ -55,7 +55,7 @@ def main() -> int:
     from loraforge.engine import Engine
     from loraforge.evals.gate import GatePolicy, decide_promotion
     from loraforge.evals.service import evaluate
-    from loraforge.evals.suite import load_suite, resolve_suite
+    from loraforge.evals.suite import load_suite, parse_suite
     from loraforge.pipeline import train_into_store
     from loraforge.store import Store
     from loraforge.train.plan import plan_training
@@ -67,7 +67,7 @@ def main() -> int:
     started = time.perf_counter()
     # the config, its suite and its data, read exactly as `loraforge train CONFIG` reads them
     spec, examples, _ = _load_spec(argparse.Namespace(config=str(EXAMPLE / FOUNDATIONS[args.model])))
-    suite = resolve_suite(spec.eval_suite, EXAMPLE, contain=False)
+    suite = parse_suite(spec.eval_suite, source=FOUNDATIONS[args.model])  # already resolved by _load_spec
     foundation, _ = train_into_store(store, plan_training(spec), examples, run_id="bench-foundation",
                                      log=lambda m: None)
     foundation_seconds = time.perf_counter() - started
