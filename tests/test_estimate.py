@@ -71,7 +71,6 @@ def test_training_terms_add_up_and_follow_the_settings():
     assert bf16.terms["frozen_weights"] == 50_000 * 2
     ckpt = est.estimate_training(ARCH, settings(gradient_checkpointing=True))
     assert ckpt.terms["activations"] == n * (2 * 64 * 4 + layer) + n * 64 * 12 < plain.terms["activations"]
-    assert "allocator_retention" not in ckpt.terms  # the recipe returns freed blocks when checkpointing on CPU
     kl = est.estimate_training(ARCH, settings(retention="kl"))
     assert kl.terms["logits_and_loss"] == 2 * plain.terms["logits_and_loss"]
     gpu = est.estimate_training(ARCH, settings(device="cuda", precision="bf16", quantization="4bit"))
@@ -79,6 +78,33 @@ def test_training_terms_add_up_and_follow_the_settings():
     assert "allocator_retention" not in gpu.terms
     saved = est.estimate_training(ARCH, settings(modules_to_save_parameters=6_400))
     assert saved.terms["modules_to_save"] == 6_400 * 16
+
+
+@pytest.mark.parametrize("changes, forwards", [
+    ({}, 1),
+    ({"longest_example": 40, "batch_size": 4, "gradient_accumulation_steps": 8}, 3),  # 32 examples, 12 per forward
+    ({"longest_example": 300, "batch_size": 4, "pack_max_tokens": 512, "max_seq_length": 400}, 4),  # one each
+    ({"batch_size": 4, "gradient_accumulation_steps": 2, "packing": False}, 2),  # a padded micro-batch each
+])
+def test_forwards_per_step(changes, forwards):
+    assert est.forwards_per_step(settings(**changes)) == forwards
+
+
+LIVE_FP32 = 100 * 2 * est._layer_bytes(ARCH, settings()) + 100 * 64 * 12 + 100 * 100 * 16  # activations + head
+
+
+@pytest.mark.parametrize("changes, retained", [
+    ({}, int(0.5 * LIVE_FP32)),  # one forward per step: half the live activations and logits again
+    ({"batch_size": 2, "pack_max_tokens": 100}, int(0.75 * LIVE_FP32)),  # two forwards: 1.5 + 0.5 x (1 - 1/2)
+    ({"gradient_checkpointing": True}, 20 * 1024 * 100 * 2),  # recomputed blocks under the mmap threshold
+    ({"gradient_checkpointing": True, "precision": "bf16"}, 10 * 1024 * 100 * 2),  # half-size blocks
+    ({"gradient_checkpointing": True, "max_seq_length": 5000}, None),  # 5000 x 64 x 4 bytes: returned by mmap
+    ({"gradient_checkpointing": True, "device": "cuda"}, None),  # CUDA's caching allocator: not this term
+    ({"device": "cuda"}, None),
+])
+def test_cpu_allocator_retention(changes, retained):
+    terms = est.estimate_training(ARCH, settings(**changes)).terms
+    assert terms.get("allocator_retention") == retained
 
 
 @pytest.mark.parametrize("file_bytes, precision, loading", [

@@ -15,8 +15,10 @@ the largest forward of a step (after the first optimizer step, so AdamW's state 
 - the output layer and loss: logits, their fp32 log-softmax and gradients for one chunk of at most 256
   labelled positions (packed rows), or for every position of a padded micro-batch; twice over for KL
   retention (the base's and the adapted model's);
-- allocator retention (CPU): glibc's heap holds freed activation blocks; measured at half the live
-  activations and logits again (see CPU_HEAP_FACTOR);
+- allocator retention (CPU): glibc's heap holds freed activation blocks. Without checkpointing: half the
+  live activations and logits again for one forward per step, more when a step runs several (see
+  cpu_heap_factor). With checkpointing: the recomputation's blocks, where a layer's hidden states are
+  smaller than the mmap threshold the recipe sets (see CPU_CHURN_PER_TOKEN_LAYER);
 - framework overhead: a fixed allowance for code first run after the imports, autograd and the tokenizer.
 
 The tokens of the largest forward come from the data when it is given (longest example, packing
@@ -28,6 +30,7 @@ over the context and one row of logits.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 # Which projections read the same input tensor (a full-precision base shares one saved copy among them).
@@ -37,10 +40,20 @@ HEAD_CHUNK = 256  # labelled positions per output-layer chunk (train.step.forwar
 CPU_OVERHEAD = 24 * 2**20  # code first run after the imports, autograd graph, tokenizer (measured on tiny)
 GPU_OVERHEAD = 64 * 2**20  # caching-allocator slack inside torch.cuda.max_memory_allocated (not measured)
 # On the CPU the process's resident memory exceeds the live tensors: glibc keeps freed activation blocks in
-# its heap and reuses them imperfectly. Measured on SmolLM2 runs without checkpointing (docs/estimate-accuracy.md):
-# peak RSS above the static terms = 1.38-1.59 x the live activations and logits; 1.5 is used. With gradient
-# checkpointing the recipe returns freed blocks to the system instead (recipe.return_freed_memory).
+# its heap and reuses them imperfectly. Measured without checkpointing (docs/estimate-accuracy.md): peak RSS
+# above the static terms = 1.38-1.59 x the live activations and logits for one forward per step (SmolLM2 and
+# tiny, 8 steps); 1.5 is used. A step of several forwards (accumulation, or examples too long to pack
+# together) keeps more: 1.75 for two forwards on SmolLM2, 1.98 for four; tiny 1.72, 1.86, 1.85, 2.0 for 2, 4,
+# 8, 16. Used: 1.5 + 0.5 x (1 - 1/forwards), its coefficient from SmolLM2's two-forward run.
 CPU_HEAP_FACTOR = 1.5
+CPU_HEAP_PER_EXTRA_FORWARD = 0.5
+# With checkpointing the recipe fixes glibc's mmap threshold (recipe.return_freed_memory): blocks of at least
+# MMAP_THRESHOLD go back to the system when freed. Where a layer's hidden states are smaller, the blocks the
+# recomputation churns through come from the heap and stay: measured 16.5-24.5 KiB per token per layer in fp32
+# on tiny and SmolLM2 at 128-1,024 tokens (10 configurations outside the benchmark's table); 20 KiB is used,
+# halved for a half-precision base (its blocks are half the size; bounded by the benchmark, not measured alone).
+MMAP_THRESHOLD = 1 << 20
+CPU_CHURN_PER_TOKEN_LAYER = 20 * 1024
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit values, 8-bit absmax per 64, fp32 per 256 absmax (double quant)
 
 
@@ -142,6 +155,19 @@ def forward_shape(s: Settings) -> tuple[int, int]:
     return 1, min(per_row, window) * longest
 
 
+def forwards_per_step(s: Settings) -> int:
+    """Training forwards in one optimizer step, when every example is as long as the longest."""
+    if not s.packing:
+        return s.gradient_accumulation_steps
+    longest = min(s.longest_example or s.max_seq_length, s.max_seq_length)
+    return math.ceil(s.batch_size * s.gradient_accumulation_steps / max(1, s.pack_max_tokens // longest))
+
+
+def cpu_heap_factor(forwards: int) -> float:
+    """Resident over live activations and logits on the CPU without checkpointing (see CPU_HEAP_FACTOR)."""
+    return CPU_HEAP_FACTOR + CPU_HEAP_PER_EXTRA_FORWARD * (1 - 1 / max(1, forwards))
+
+
 def _lora_input_bytes(arch: Arch, s: Settings) -> int:
     """Per token per layer: what the LoRA branches save (their inputs, dropout masks, rank-r products)."""
     half = s.precision != "fp32"
@@ -206,12 +232,13 @@ def estimate_training(arch: Arch, s: Settings) -> Estimate:
     activations += n * arch.hidden * (act + 4 + 4)  # last hidden state, its detached copy's gradient, final norm
     if s.retention == "kl":
         activations += n * arch.hidden * act  # the base's hidden states for the KL chunks
-    # with checkpointing on the CPU the recipe makes glibc return freed blocks (recipe.return_freed_memory)
-    heap = CPU_HEAP_FACTOR if s.device == "cpu" and not s.gradient_checkpointing else 1.0
     terms["activations"] = int(activations)
     terms["logits_and_loss"] = _head_bytes(arch, s, rows, tokens)
-    if heap != 1.0:
+    if s.device == "cpu" and not s.gradient_checkpointing:
+        heap = cpu_heap_factor(forwards_per_step(s))
         terms["allocator_retention"] = int((heap - 1) * (terms["activations"] + terms["logits_and_loss"]))
+    elif s.device == "cpu" and n * arch.hidden * act < MMAP_THRESHOLD:  # checkpointing, blocks under the threshold
+        terms["allocator_retention"] = int(CPU_CHURN_PER_TOKEN_LAYER * act / 4 * n * arch.layers)
     terms["framework_overhead"] = CPU_OVERHEAD if s.device in ("cpu", "mps") else GPU_OVERHEAD
     notes = [f"largest forward: {rows} x {tokens} tokens"]
     loading = 0

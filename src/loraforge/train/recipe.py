@@ -31,6 +31,7 @@ from loraforge.models import load_base_model
 from loraforge.models.resolve import fingerprint, model_folder
 from loraforge.train import checkpoint as ckpt
 from loraforge.train.attention import use_packed_attention
+from loraforge.train.estimate import MMAP_THRESHOLD
 from loraforge.train.step import forward_backward, head_mode
 from loraforge.train.plan import TrainPlan
 from loraforge.train.size import size_report
@@ -122,7 +123,6 @@ def _measured_peak(device: str) -> int | None:
         return None
 
 
-MMAP_THRESHOLD = 1 << 20  # bytes: freed blocks this large go back to the system (with checkpointing, CPU)
 
 
 def return_freed_memory() -> None:
@@ -135,7 +135,8 @@ def return_freed_memory() -> None:
     here memory wins; the cost is page faults on each large allocation. A lower threshold returns more
     and costs more: at glibc's starting value, 128 KiB, `tiny` at 1,016 tokens (its 256-wide activations
     just under 1 MiB, kept in the heap at 1 MiB) peaks at 89 MiB instead of 159 MiB but trains 53% slower,
-    and SmolLM2 trains 22% slower for the same peak (docs/estimate-accuracy.md). Process-wide; no-op off
+    and SmolLM2 trains 22% slower for the same peak (docs/estimate-accuracy.md). Blocks under the threshold
+    stay in the heap; the estimate counts them (estimate.CPU_CHURN_PER_TOKEN_LAYER). Process-wide; no-op off
     glibc."""
     import ctypes
     import ctypes.util
