@@ -1,6 +1,7 @@
 """How good is `loraforge validate`'s estimate? Predicted against measured peak memory and training time.
 
     .venv/bin/python bench/estimate_accuracy.py [--steps 8] [--out docs/estimate-accuracy.md] [--only N ...]
+    .venv/bin/python bench/estimate_accuracy.py --config tiny,8,all,512,1,on,auto [--config ...] --out /tmp/x.md
 
 A table of configurations on `tiny` and SmolLM2-135M-Instruct (r 8 and 64; attention-only and all linear
 layers; max_seq_length 128 and 1024; micro-batch 1 and 4; gradient checkpointing on and off; the precision
@@ -14,7 +15,9 @@ process:
    measured peak = the process's peak RSS (VmHWM) minus its RSS once torch, transformers and peft are
    imported (on a GPU: `torch.cuda.max_memory_allocated`); measured time = the training loop's seconds.
 
-Predicted time is for the same steps (the planned tokens times the cached seconds per token). The data
+Predicted time is for the same steps (the planned tokens times the cached seconds per token); a row whose
+`--steps` would train for under `--min-seconds` runs more steps, so that scheduling noise on a run of a
+fraction of a second does not decide its error. The data
 are generated records whose every example is close to `max_seq_length` tokens (the worst case the
 estimate plans for).
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -53,6 +57,14 @@ TABLE = [
     ("smollm2-135m-instruct", 8, "all", 512, 2, False, "fp32"),
     ("tiny", 64, "attn", 512, 4, True, "auto"),
 ]
+
+
+def parse_row(text: str) -> tuple:
+    """'tiny,8,all,512,1,on,auto' -> a table row."""
+    parts = text.split(",")
+    if len(parts) != 7 or parts[2] not in ("attn", "all") or parts[5] not in ("on", "off"):
+        raise argparse.ArgumentTypeError("expected model,r,attn|all,seq,micro-batch,on|off,precision")
+    return (parts[0], int(parts[1]), parts[2], int(parts[3]), int(parts[4]), parts[5] == "on", parts[6])
 
 
 def rss_kb(field: str) -> int:
@@ -161,8 +173,12 @@ def mb(n: float) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--min-seconds", type=float, default=5.0,
+                        help="more steps for a row whose --steps would train for less (timer noise)")
     parser.add_argument("--out", default="docs/estimate-accuracy.md")
     parser.add_argument("--only", type=int, nargs="*", help="row numbers of the table (1-based)")
+    parser.add_argument("--config", action="append", type=parse_row, default=[],
+                        help="a configuration outside the table: model,r,attn|all,seq,micro-batch,on|off,precision")
     parser.add_argument("--child")
     parser.add_argument("--mode")
     args = parser.parse_args()
@@ -173,21 +189,32 @@ def main() -> int:
 
     scratch_home("loraforge-estimate-")  # an empty calibration cache: every row calibrates as a first run would
     rows = [TABLE[i - 1] for i in args.only] if args.only else TABLE
+    numbers = list(args.only or range(1, len(rows) + 1))
+    if args.config:
+        rows, numbers = ([], []) if not args.only else (rows, numbers)
+        rows += args.config
+        numbers += [f"c{i}" for i in range(1, len(args.config) + 1)]
     lines = ["# Estimate accuracy: predicted against measured peak memory and training time", "",
              f"Command: `{command('estimate_accuracy.py')}`  ", f"CPU: {cpu_description()}, {os.cpu_count()} cores; "
-             f"{args.steps} optimizer steps per run; memory = peak RSS above the process's RSS after imports.", "",
-             "| # | model | r | layers | seq | micro-batch | checkpointing | precision | predicted MB | measured MB "
-             "| error | predicted s | measured s | error |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"{args.steps} optimizer steps per run, more where that trains for under {args.min_seconds:g} s (timer "
+             "noise); memory = peak RSS above the process's RSS after imports.", "",
+             "| # | model | r | layers | seq | micro-batch | checkpointing | precision | steps | predicted MB "
+             "| measured MB | error | predicted s | measured s | error |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     worst_mem = worst_time = 0.0
-    for index, row in zip(args.only or range(1, len(rows) + 1), rows):
-        predicted = run_child(row, args.steps, "estimate")
-        measured = run_child(row, args.steps, "measure")
+    for index, row in zip(numbers, rows):
+        steps = args.steps
+        predicted = run_child(row, steps, "estimate")
+        if predicted.get("seconds") and predicted["seconds"] < args.min_seconds:  # the calibration is cached now
+            steps = math.ceil(steps * args.min_seconds / max(predicted["seconds"], 0.05))
+            predicted = run_child(row, steps, "estimate")
+        measured = run_child(row, steps, "measure")
         mem_err = predicted["peak_bytes"] / measured["peak_bytes"] - 1
         time_err = predicted["seconds"] / measured["seconds"] - 1 if predicted.get("seconds") else float("nan")
         worst_mem, worst_time = max(worst_mem, abs(mem_err)), max(worst_time, abs(time_err))
         model, r, targets, seq, batch, ckpt, _ = row
         lines.append(f"| {index} | {model} | {r} | {targets} | {seq} | {batch} | {'on' if ckpt else 'off'} | "
-                     f"{predicted['precision']} | "
+                     f"{predicted['precision']} | {steps} | "
                      f"{mb(predicted['peak_bytes'])} | {mb(measured['peak_bytes'])} | {mem_err:+.1%} | "
                      f"{predicted['seconds']:.1f} | {measured['seconds']:.1f} | {time_err:+.1%} |")
         print(lines[-1], flush=True)

@@ -259,3 +259,19 @@ def test_time_comes_from_a_sound_calibration_entry_only(tiny_dir, store_home, co
         assert timing["seconds"] is None and timing["calibrated"] is None
     else:
         assert timing["seconds"] == round(seconds(tokens), 1) and timing["calibrated"] == "cached"
+
+
+def test_fast_steps_are_calibrated_over_more_steps(tiny_dir, store_home):
+    """Four steps of a few hundredths of a second time the scheduler, not the model: calibration runs longer."""
+    from loraforge.config import parse_train_config
+    from loraforge.data import load_examples
+    from loraforge.train import calibrate
+    from loraforge.train.plan import plan_training
+
+    plan = plan_training(parse_train_config({"name": "c", "model_name": "tiny", "max_steps": 3}, source="t"))
+    records = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
+    examples = load_examples(records, "t")
+    entry = calibrate.calibrate(plan, examples, est.for_plan(plan, data=est.tokenized(plan, examples))[0].forward_tokens)
+    steps = int(entry["source"].split("(")[1].split()[0])
+    assert calibrate.CALIBRATION_STEPS < steps <= calibrate.MAX_CALIBRATION_STEPS
+    assert entry["seconds_per_token"] > 0
