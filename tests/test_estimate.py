@@ -99,6 +99,9 @@ LIVE_FP32 = 100 * 2 * est._layer_bytes(ARCH, settings()) + 100 * 64 * 12 + 100 *
     ({"gradient_checkpointing": True}, 20 * 1024 * 100 * 2),  # recomputed blocks under the mmap threshold
     ({"gradient_checkpointing": True, "precision": "bf16"}, 10 * 1024 * 100 * 2),  # half-size blocks
     ({"gradient_checkpointing": True, "max_seq_length": 5000}, None),  # 5000 x 64 x 4 bytes: returned by mmap
+    # the longest example (4,100 tokens) is over the threshold, most (4,000, the mean) under it: kept
+    ({"gradient_checkpointing": True, "max_seq_length": 5000, "pack_max_tokens": 5000, "longest_example": 4100,
+      "mean_example": 4000}, 20 * 1024 * 4100 * 2),
     ({"gradient_checkpointing": True, "device": "cuda"}, None),  # CUDA's caching allocator: not this term
     ({"device": "cuda"}, None),
 ])

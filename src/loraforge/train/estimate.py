@@ -107,6 +107,7 @@ class Settings:
     retention: str  # none, replay, kl
     max_seq_length: int
     longest_example: int | None = None  # tokens, from the data when known
+    mean_example: float | None = None  # tokens, from the data when known
     labelled_fraction: float = 1.0  # answer tokens / tokens, from the data when known
     checkpoint_bytes: int | None = None  # the weights' files on disk
     checkpoint_value_bytes: int = 4  # bytes per value in those files
@@ -153,6 +154,16 @@ def forward_shape(s: Settings) -> tuple[int, int]:
         return s.batch_size, longest
     per_row = max(1, s.pack_max_tokens // longest)
     return 1, min(per_row, window) * longest
+
+
+def typical_forward_tokens(s: Settings) -> int:
+    """Tokens in a step's forward for examples of the data's mean length (the largest is forward_shape's)."""
+    rows, tokens = forward_shape(s)
+    if not s.packing or not s.mean_example:
+        return rows * tokens
+    mean = min(s.mean_example, s.max_seq_length)
+    per_row = max(1, int(s.pack_max_tokens // mean))
+    return int(min(per_row, s.batch_size * s.gradient_accumulation_steps) * mean)
 
 
 def forwards_per_step(s: Settings) -> int:
@@ -237,7 +248,8 @@ def estimate_training(arch: Arch, s: Settings) -> Estimate:
     if s.device == "cpu" and not s.gradient_checkpointing:
         heap = cpu_heap_factor(forwards_per_step(s))
         terms["allocator_retention"] = int((heap - 1) * (terms["activations"] + terms["logits_and_loss"]))
-    elif s.device == "cpu" and n * arch.hidden * act < MMAP_THRESHOLD:  # checkpointing, blocks under the threshold
+    elif s.device == "cpu" and typical_forward_tokens(s) * arch.hidden * act < MMAP_THRESHOLD:
+        # checkpointing, where most forwards' hidden states are under the threshold (the data's mean length)
         terms["allocator_retention"] = int(CPU_CHURN_PER_TOKEN_LAYER * act / 4 * n * arch.layers)
     terms["framework_overhead"] = CPU_OVERHEAD if s.device in ("cpu", "mps") else GPU_OVERHEAD
     notes = [f"largest forward: {rows} x {tokens} tokens"]
@@ -287,15 +299,16 @@ def for_plan(plan, *, data: list | None = None, device: str | None = None, preci
             saved += sum(i * o for i, o in plan.info.linear_modules[m])
         else:  # an embedding
             saved += arch.vocab * arch.hidden
-    longest = fraction = None
+    longest = fraction = mean = None
     if data:
         longest = max(len(d.input_ids) for d in data)
+        mean = sum(len(d.input_ids) for d in data) / len(data)
         fraction = sum(d.loss_tokens for d in data) / max(1, sum(len(d.input_ids) for d in data))
     files, value_bytes = checkpoint_size(plan, arch)
     settings = Settings(device, precision, t.quantization, targets, lora.r, lora.lora_dropout, saved,
                         plan.lora_parameters, t.packing, t.pack_max_tokens, t.batch_size,
                         t.gradient_accumulation_steps, t.gradient_checkpointing, t.retention, plan.max_seq_length,
-                        longest, 1.0 if fraction is None else fraction, files, value_bytes)
+                        longest, mean, 1.0 if fraction is None else fraction, files, value_bytes)
     return estimate_training(arch, settings), arch, settings
 
 
