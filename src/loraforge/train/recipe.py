@@ -123,8 +123,6 @@ def _measured_peak(device: str) -> int | None:
         return None
 
 
-
-
 def return_freed_memory() -> None:
     """Make glibc hand freed blocks of 1 MiB and more back to the system (a fixed mmap threshold).
 
