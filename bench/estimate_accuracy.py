@@ -188,12 +188,9 @@ def main() -> int:
     from loraforge.device import cpu_description
 
     scratch_home("loraforge-estimate-")  # an empty calibration cache: every row calibrates as a first run would
-    rows = [TABLE[i - 1] for i in args.only] if args.only else TABLE
-    numbers = list(args.only or range(1, len(rows) + 1))
-    if args.config:
-        rows, numbers = ([], []) if not args.only else (rows, numbers)
-        rows += args.config
-        numbers += [f"c{i}" for i in range(1, len(args.config) + 1)]
+    # (number, row): the table's rows named by --only (all of them when neither option is given), then --config's
+    picked = [(i, TABLE[i - 1]) for i in args.only] if args.only else [] if args.config else list(enumerate(TABLE, 1))
+    picked += [(f"c{i}", row) for i, row in enumerate(args.config, 1)]
     lines = ["# Estimate accuracy: predicted against measured peak memory and training time", "",
              f"Command: `{command('estimate_accuracy.py')}`  ", f"CPU: {cpu_description()}, {os.cpu_count()} cores; "
              f"{args.steps} optimizer steps per run, more where that trains for under {args.min_seconds:g} s (timer "
@@ -202,7 +199,7 @@ def main() -> int:
              "| measured MB | error | predicted s | measured s | error |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     worst_mem = worst_time = 0.0
-    for index, row in zip(numbers, rows):
+    for index, row in picked:
         steps = args.steps
         predicted = run_child(row, steps, "estimate")
         if predicted.get("seconds") and predicted["seconds"] < args.min_seconds:  # the calibration is cached now

@@ -146,32 +146,36 @@ def _weight_bytes(arch: Arch, s: Settings) -> int:
     return arch.parameters * (4 if s.precision == "fp32" else 2)
 
 
+def _longest(s: Settings) -> int:
+    return min(s.longest_example or s.max_seq_length, s.max_seq_length)
+
+
+def _per_forward(s: Settings, length: float) -> int:
+    """Examples of `length` tokens that one packed forward holds (at most a step's window)."""
+    return min(max(1, int(s.pack_max_tokens // length)), s.batch_size * s.gradient_accumulation_steps)
+
+
 def forward_shape(s: Settings) -> tuple[int, int]:
     """(rows, tokens per row) of the largest forward of a step."""
-    longest = min(s.longest_example or s.max_seq_length, s.max_seq_length)
-    window = s.batch_size * s.gradient_accumulation_steps
     if not s.packing:
-        return s.batch_size, longest
-    per_row = max(1, s.pack_max_tokens // longest)
-    return 1, min(per_row, window) * longest
+        return s.batch_size, _longest(s)
+    return 1, _per_forward(s, _longest(s)) * _longest(s)
 
 
 def typical_forward_tokens(s: Settings) -> int:
     """Tokens in a step's forward for examples of the data's mean length (the largest is forward_shape's)."""
-    rows, tokens = forward_shape(s)
     if not s.packing or not s.mean_example:
+        rows, tokens = forward_shape(s)
         return rows * tokens
     mean = min(s.mean_example, s.max_seq_length)
-    per_row = max(1, int(s.pack_max_tokens // mean))
-    return int(min(per_row, s.batch_size * s.gradient_accumulation_steps) * mean)
+    return int(_per_forward(s, mean) * mean)
 
 
 def forwards_per_step(s: Settings) -> int:
     """Training forwards in one optimizer step, when every example is as long as the longest."""
     if not s.packing:
         return s.gradient_accumulation_steps
-    longest = min(s.longest_example or s.max_seq_length, s.max_seq_length)
-    return math.ceil(s.batch_size * s.gradient_accumulation_steps / max(1, s.pack_max_tokens // longest))
+    return math.ceil(s.batch_size * s.gradient_accumulation_steps / _per_forward(s, _longest(s)))
 
 
 def cpu_heap_factor(forwards: int) -> float:
